@@ -1,0 +1,250 @@
+"""The `mae` command: a thin Typer app. Every command is a plain library call; heavy imports happen inside."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mae.errors import MAEError
+
+app = typer.Typer(
+    name="mae",
+    help="Masked Autoencoders: pretrain, export to ONNX / TensorRT, reconstruct and embed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class ExportPrecision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    trt = "trt"
+    tensorrt = "tensorrt"
+
+
+class EngineName(str, Enum):
+    onnx = "onnx"
+    trt = "trt"
+    torch = "torch"
+    openvino = "openvino"
+
+
+class Provider(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    tensorrt = "tensorrt"
+
+
+class Resize(str, Enum):
+    center = "center"
+    squash = "squash"
+
+
+class Pool(str, Enum):
+    cls = "cls"
+    mean = "mean"
+    cls_mean = "cls+mean"
+    tokens = "tokens"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+# --------------------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Folder of images, searched recursively.")],
+    model: Annotated[str, typer.Option(help="Architecture preset.")] = "mae_vit_base_patch16",
+    img_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: the preset's).")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels (default: the preset's).")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 400,
+    warmup_epochs: Annotated[int, typer.Option(min=0)] = 40,
+    batch_size: Annotated[int, typer.Option(min=1, help="Per-process batch size.")] = 64,
+    accum_iter: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    blr: Annotated[float, typer.Option(help="Base lr; lr = blr * effective batch / 256.")] = 1.5e-4,
+    lr: Annotated[float | None, typer.Option(help="Absolute lr (overrides --blr).")] = None,
+    min_lr: Annotated[float, typer.Option()] = 0.0,
+    weight_decay: Annotated[float, typer.Option()] = 0.05,
+    mask_ratio: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.75,
+    norm_pix_loss: Annotated[bool, typer.Option("--norm-pix-loss/--no-norm-pix-loss")] = True,
+    precision: Annotated[Precision, typer.Option(help="fp32, bf16 autocast (CPU/GPU), fp16 + scaler (CUDA).")] = (
+        Precision.fp32
+    ),
+    init: Annotated[Path | None, typer.Option(help="Start from these weights (any format mae reads).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/mae"),
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loading processes.")] = 2,
+    save_every: Annotated[int, typer.Option(min=1, help="Keep an epoch checkpoint every N epochs.")] = 20,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop (cleanly, resumable) after this long.")] = None,
+) -> None:
+    """Pretrain (or continue pretraining) an MAE on a folder of images."""
+    from mae.train import TrainOptions, run_training
+
+    run_training(TrainOptions(**locals()))
+
+
+# -------------------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    weights: Annotated[Path, typer.Argument(help="Checkpoint, official MAE .pth, HF ViTMAE dir, or a bundle (trt).")],
+    format: Annotated[ExportFormat, typer.Option("--format", "-f")] = ExportFormat.onnx,
+    out: Annotated[Path | None, typer.Option(help="Bundle directory (default: WEIGHTS' folder / 'bundle').")] = None,
+    precision: Annotated[ExportPrecision, typer.Option()] = ExportPrecision.fp32,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the verified one).")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="Encoder heads, for official checkpoints.")] = None,
+    decoder_num_heads: Annotated[int | None, typer.Option(help="Decoder heads, for official checkpoints.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile: largest batch.")] = 64,
+    opt_batch: Annotated[int | None, typer.Option(help="TensorRT profile: batch to optimize for.")] = None,
+    workspace: Annotated[float, typer.Option(help="TensorRT workspace, GiB.")] = 4.0,
+) -> None:
+    """Export weights to a verified ONNX bundle, or build TensorRT engines from it."""
+    from mae.export import run_export
+
+    run_export(**locals())
+
+
+# -------------------------------------------------------------------------------------------- reconstruct
+@app.command()
+def reconstruct(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    model: Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")],
+    engine: Annotated[EngineName, typer.Option()] = EngineName.onnx,
+    provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.auto,
+    precision: Annotated[ExportPrecision, typer.Option()] = ExportPrecision.fp32,
+    mask_ratio: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.75,
+    seed: Annotated[int | None, typer.Option(help="Masking seed.")] = 0,
+    noise: Annotated[Path | None, typer.Option(help="Noise array [N, L] (.npy), smallest kept.")] = None,
+    resize: Annotated[Resize, typer.Option()] = Resize.center,
+    out: Annotated[Path, typer.Option(help="Output PNG (one image) or directory.")] = Path("reconstructions"),
+    save_arrays: Annotated[Path | None, typer.Option(help="Write pred, mask, ids_restore, latent (.npz).")] = None,
+) -> None:
+    """Reconstruct masked images: original | masked | reconstruction | reconstruction + visible."""
+    from mae.runtime.reconstruct import run_reconstruct
+
+    run_reconstruct(**locals())
+
+
+# -------------------------------------------------------------------------------------------------- embed
+@app.command()
+def embed(
+    input: Annotated[str, typer.Argument(help="Folder (recursive), text file of paths, or a glob.")],
+    model: Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")],
+    out: Annotated[Path, typer.Option(help="Output folder (embeddings/, metadata/, summary.json).")],
+    engine: Annotated[EngineName, typer.Option()] = EngineName.onnx,
+    provider: Annotated[Provider, typer.Option()] = Provider.auto,
+    precision: Annotated[ExportPrecision, typer.Option()] = ExportPrecision.fp32,
+    pool: Annotated[Pool, typer.Option()] = Pool.cls,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    workers: Annotated[int, typer.Option(min=0, help="Decode processes (0: in the main process).")] = 2,
+    resize: Annotated[Resize, typer.Option()] = Resize.center,
+    dtype: Annotated[DType, typer.Option()] = DType.float32,
+    l2_normalize: Annotated[bool, typer.Option("--l2-normalize")] = False,
+    shard: Annotated[str | None, typer.Option(help="I/N: this worker's part (default: RANK/WORLD_SIZE).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per output file.")] = 10000,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any file fails.")] = False,
+) -> None:
+    """Embed a folder of images in resumable, row-aligned shards."""
+    from mae.runtime.embed import run_embed
+
+    run_embed(**locals())
+
+
+# -------------------------------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Bundle directory or preset name.")] = "mae_vit_base_patch16",
+    engines: Annotated[str, typer.Option(help="Comma-separated: torch,torch-bf16,onnx,onnx-int8,openvino,trt.")] = (
+        "torch,onnx,onnx-int8"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    mask_ratio: Annotated[list[float], typer.Option(help="Repeat for several.")] = [0.75, 0.0],  # noqa: B006
+    seconds: Annotated[float, typer.Option(help="Timing budget per engine and ratio.")] = 5.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+) -> None:
+    """Images/s per engine and mask ratio, as ratios against PyTorch eager fp32 in the same run."""
+    from mae.runtime.bench import run_bench
+
+    run_bench(**locals())
+
+
+# --------------------------------------------------------------------------------------------------- info
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="Weights (checkpoint, official .pth, HF dir) or a bundle.")],
+    num_heads: Annotated[int | None, typer.Option()] = None,
+    decoder_num_heads: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Describe weights or a bundle: format, architecture, parameters, decoder, norm_pix_loss."""
+    from mae.runtime.bundle import is_bundle
+
+    if is_bundle(path):
+        from mae.export.info import describe_bundle
+
+        describe_bundle(path)
+    else:
+        from mae.weights import describe_weights
+
+        describe_weights(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+
+
+# --------------------------------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where everything is written.")] = Path("mae-demo"),
+    minutes: Annotated[float, typer.Option(help="Training budget.")] = 3.0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Pretrain, export, reconstruct, embed and benchmark on photos shipped with scikit-image/-learn."""
+    from mae.demo import run_demo
+
+    run_demo(out=out, minutes=minutes, seed=seed)
+
+
+def main() -> None:
+    """Entry point: user errors are printed plainly (no traceback) with exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except MAEError as exc:
+        typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
+        if exc.hint:
+            typer.secho(f"  hint: {exc.hint}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.secho("Aborted.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.secho("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The bundle: a directory with `mae.json`, `encoder.onnx`, `decoder.onnx` and optional variants/engines.
+
+`mae.json` schema (format_version 1):
+
+    {
+      "format": "mae-bundle", "format_version": 1, "toolkit_version": "0.1.0",
+      "config": {...MAEConfig fields...},
+      "norm_pix_loss": false,
+      "preprocessing": {"size": 224, "resize": "center", "crop_pct": 0.875, "interpolation": "bicubic",
+                        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+      "source": {"path": "...", "format": "mae-checkpoint" | "official" | "huggingface", "sha256": "..."},
+      "opset": 18, "exporter": "torchscript",
+      "graphs": {"fp32": {"encoder": {"file": "encoder.onnx", "sha256": "...", "bytes": 123}, "decoder": {...}},
+                 "fp16": {...}, "int8": {"encoder": {...}}},          # decoder may be absent (encoder-only)
+      "engines": {"fp16": {"encoder": {"file": "encoder.fp16.engine", "sidecar": "encoder.fp16.engine.json"}}},
+      "verification": {...free-form report of the export checks...}
+    }
+
+Numpy/stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mae import __version__
+from mae.config import MAEConfig
+from mae.errors import MAEError
+
+BUNDLE_FILE = "mae.json"
+FORMAT = "mae-bundle"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("fp32", "fp16", "int8")
+PARTS = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    size: int  # model input side
+    resize: str = "center"  # "center": shorter side to size / crop_pct, centre crop; "squash": straight to size
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "resize": self.resize,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(
+            size=int(data["size"]),
+            resize=data.get("resize", "center"),
+            crop_pct=float(data.get("crop_pct", 0.875)),
+            interpolation=data.get("interpolation", "bicubic"),
+            mean=tuple(data.get("mean", IMAGENET_MEAN)),
+            std=tuple(data.get("std", IMAGENET_STD)),
+        )
+
+
+@dataclass
+class Bundle:
+    path: Path  # the bundle directory
+    config: MAEConfig
+    preprocessing: Preprocessing
+    manifest: dict[str, Any] = field(default_factory=dict)  # the whole mae.json
+
+    @property
+    def norm_pix_loss(self) -> bool:
+        return bool(self.manifest.get("norm_pix_loss", self.config.norm_pix_loss))
+
+    @property
+    def precisions(self) -> list[str]:
+        return [p for p in PRECISIONS if p in self.manifest.get("graphs", {})]
+
+    def has_graph(self, part: str, precision: str = "fp32") -> bool:
+        return part in self.manifest.get("graphs", {}).get(precision, {})
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.has_graph("decoder", "fp32")
+
+    def graph(self, part: str, precision: str = "fp32") -> Path:
+        """Path of `part` ("encoder" | "decoder") at `precision`, with a clear error when absent."""
+        if not self.has_graph(part, precision):
+            if part == "decoder" and not self.has_decoder:
+                raise MAEError(
+                    f"The bundle {self.path} has no decoder: reconstruction needs the full (decoder) weights.",
+                    hint="export from weights that include the decoder (e.g. mae_visualize_vit_*.pth or `mae train`)",
+                )
+            have = ", ".join(p for p in self.precisions if self.has_graph(part, p)) or "none"
+            raise MAEError(
+                f"The bundle {self.path} has no {precision} {part} (it has: {have}).",
+                hint=f"run `mae export {self.path} --format onnx --precision {precision}`",
+            )
+        graph_path = self.path / self.manifest["graphs"][precision][part]["file"]
+        if not graph_path.is_file():
+            raise MAEError(f"{graph_path} is listed in {BUNDLE_FILE} but missing.", hint="re-run `mae export`")
+        return graph_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Bundle:
+        path = Path(path)
+        manifest_path = path / BUNDLE_FILE if path.is_dir() else path
+        if not manifest_path.is_file():
+            raise MAEError(
+                f"{path} is not a bundle (no {BUNDLE_FILE}).",
+                hint="create one with `mae export WEIGHTS --format onnx --out DIR`",
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise MAEError(f"Cannot read {manifest_path}: {exc}", hint="re-run `mae export`") from exc
+        if manifest.get("format") != FORMAT:
+            raise MAEError(f"{manifest_path} is not an mae bundle manifest (format={manifest.get('format')!r}).")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise MAEError(
+                f"{manifest_path} has format_version {manifest['format_version']}, newer than this mae reads.",
+                hint="upgrade mae-toolkit",
+            )
+        config = MAEConfig.from_dict(manifest["config"])
+        pre = Preprocessing.from_dict(manifest.get("preprocessing") or {"size": config.img_size})
+        return cls(path=manifest_path.parent, config=config, preprocessing=pre, manifest=manifest)
+
+    def save(self) -> None:
+        self.manifest.setdefault("format", FORMAT)
+        self.manifest.setdefault("format_version", FORMAT_VERSION)
+        self.manifest.setdefault("toolkit_version", __version__)
+        self.manifest["config"] = self.config.to_dict()
+        self.manifest["preprocessing"] = self.preprocessing.to_dict()
+        atomic_write_text(self.path / BUNDLE_FILE, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / BUNDLE_FILE).is_file() if path.is_dir() else path.name == BUNDLE_FILE and path.is_file()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
