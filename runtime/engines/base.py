@@ -10,6 +10,8 @@ Outputs are float32 numpy arrays whatever the engine's internal precision.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -30,27 +32,77 @@ class Engine(Protocol):
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-def create_engine(name: str, model: str, part: str = "encoder", **options: object) -> Engine:
-    """Engine `name` for graph `part` of `model` (a bundle directory, or weights for the torch engine).
-
-    options: precision ("fp32"|"fp16"|"int8"), provider (onnx), device (torch), num_threads, ...
-    """
-    if part not in INPUT_NAMES:
-        raise MAEError(f"Unknown graph {part!r}: use encoder or decoder")
+def _engine_class(name: str) -> type:
     if name == "onnx":
         from mae.runtime.engines.onnx import OnnxEngine
 
-        return OnnxEngine(model, part, **options)
+        return OnnxEngine
     if name in ("trt", "tensorrt"):
         from mae.runtime.engines.trt import TensorRTEngine
 
-        return TensorRTEngine(model, part, **options)
+        return TensorRTEngine
     if name == "torch":
         from mae.runtime.engines.torch import TorchEngine
 
-        return TorchEngine(model, part, **options)
+        return TorchEngine
     if name == "openvino":
         from mae.runtime.engines.openvino import OpenVINOEngine
 
-        return OpenVINOEngine(model, part, **options)
+        return OpenVINOEngine
     raise MAEError(f"Unknown engine {name!r}", hint=f"choose one of: {', '.join(ENGINE_NAMES)}")
+
+
+def create_engine(name: str, model: object, part: str = "encoder", **options: object) -> Engine:
+    """Engine `name` for graph `part` of `model` (a bundle directory; the torch engine also takes weights).
+
+    options: precision ("fp32"|"fp16"|"int8"; torch also "bf16"), provider (onnx), device (torch, trt),
+    num_threads, ... Options set to None are left at the engine's default, and an option that this engine does not
+    have (say `provider` for torch) is dropped, so one set of command-line options can feed every engine.
+    """
+    if part not in INPUT_NAMES:
+        raise MAEError(f"Unknown graph {part!r}: use encoder or decoder")
+    engine_class = _engine_class(name)
+    accepted = inspect.signature(engine_class).parameters
+    return engine_class(model, part, **{k: v for k, v in options.items() if v is not None and k in accepted})
+
+
+def check_inputs(part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs of graph `part` as C-contiguous float32 / int64 arrays, or an MAEError saying what is wrong."""
+    expected = INPUT_NAMES[part]
+    missing = [name for name in expected if name not in inputs]
+    if missing:
+        raise MAEError(f"The {part} needs inputs {', '.join(expected)}; missing: {', '.join(missing)}")
+    data_name, ids_name = expected
+    data = np.ascontiguousarray(inputs[data_name], dtype=np.float32)
+    ids = np.asarray(inputs[ids_name])
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise MAEError(f"{ids_name} must hold integer patch indices, got dtype {ids.dtype}")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    want_ndim = 4 if data_name == "pixel_values" else 3
+    if data.ndim != want_ndim or ids.ndim != 2:
+        raise MAEError(f"{data_name} must be {want_ndim}-D and {ids_name} 2-D, got shapes {data.shape} and {ids.shape}")
+    if data.shape[0] != ids.shape[0]:
+        raise MAEError(f"{data_name} has {data.shape[0]} images but {ids_name} has {ids.shape[0]} rows")
+    return {data_name: data, ids_name: ids}
+
+
+def warn(message: str) -> None:
+    """A user-visible warning (e.g. a requested provider that fell back), attributed to the caller's call."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def load_bundle(model: object, engine: str):  # noqa: ANN201 - returns mae.runtime.bundle.Bundle
+    """The bundle `model` points at, or an MAEError that says weights need exporting (or the torch engine)."""
+    from pathlib import Path
+
+    from mae.runtime.bundle import Bundle, is_bundle
+
+    path = Path(str(model))
+    if not path.exists():
+        raise MAEError(f"{path} does not exist.", hint="pass a bundle directory made by `mae export`")
+    if not is_bundle(path):
+        raise MAEError(
+            f"The {engine} engine runs an exported bundle, and {path} is not one (no mae.json).",
+            hint=f"export it first (`mae export {path} --out BUNDLE`) or run the weights with --engine torch",
+        )
+    return Bundle.load(path)

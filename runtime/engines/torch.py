@@ -1,0 +1,128 @@
+"""The PyTorch reference engine: `MaskedAutoencoder.forward_encoder` / `forward_decoder` in eager mode.
+
+torch is imported here only, when the engine is created, so `mae.runtime` stays torch-free.
+`model` is weights that `mae.weights.load_model` reads, a bundle (its recorded source weights are loaded), or a
+`MaskedAutoencoder` instance (shared between the encoder and decoder engines, and used by training previews).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from mae.errors import MAEError
+from mae.runtime.engines.base import OUTPUT_NAMES, check_inputs
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_device(torch, device: str) -> str:  # noqa: ANN001 - the torch module
+    """ "auto" -> cuda when available; an explicit cuda without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MAEError("--device cuda was asked for, but PyTorch sees no CUDA GPU.", hint="use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise MAEError(f"Unknown torch device {device!r}", hint="use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def bundle_source(model: object) -> Path | None:
+    """A bundle's recorded source weights, or None when `model` is not a bundle."""
+    from mae.runtime.bundle import Bundle, is_bundle
+
+    if not is_bundle(Path(str(model))):
+        return None
+    bundle = Bundle.load(Path(str(model)))
+    source = (bundle.manifest.get("source") or {}).get("path")
+    source_path = Path(source) if source else None
+    if source_path is not None and not source_path.is_absolute():
+        source_path = bundle.path / source_path
+    if source_path is None or not source_path.exists():
+        raise MAEError(
+            f"The torch engine needs the weights that bundle {bundle.path} was exported from, and they are not at "
+            f"{source or '(no source recorded)'}.",
+            hint="pass the weights file itself with --model",
+        )
+    return source_path
+
+
+class TorchEngine:
+    """One graph of the PyTorch model, fp32 or bf16 (fp16 on CUDA), on CPU or CUDA."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: object,
+        part: str = "encoder",
+        precision: str = "fp32",
+        device: str = "cpu",
+        num_threads: int | None = None,
+    ) -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise MAEError("The torch engine needs PyTorch.", hint="pip install torch (https://pytorch.org)") from exc
+        from mae.model import MaskedAutoencoder
+
+        self.torch = torch
+        self.part = part
+        self.precision = precision
+        if precision not in DTYPES:
+            raise MAEError(f"The torch engine runs fp32, bf16 or fp16, not {precision!r}.")
+        self.device = resolve_device(torch, device)
+        if precision == "fp16" and not self.device.startswith("cuda"):
+            raise MAEError("fp16 in the torch engine needs CUDA.", hint="use --precision bf16 on CPUs")
+        if num_threads:
+            torch.set_num_threads(int(num_threads))  # process-wide, as PyTorch has no per-model setting
+
+        self.dtype = getattr(torch, DTYPES[precision])
+        if isinstance(model, MaskedAutoencoder):
+            network, source = model, "in-memory model"
+            current = next(network.parameters())
+            if current.dtype != self.dtype or current.device != torch.device(self.device):
+                network = copy.deepcopy(network)  # Module.to() converts in place: leave the caller's model alone
+        else:
+            from mae.weights import load_model
+
+            path = bundle_source(model) or Path(str(model))
+            if not path.exists():
+                raise MAEError(f"{path} does not exist.", hint="pass a checkpoint, official .pth, HF dir or bundle")
+            network, _ = load_model(path, device="cpu")
+            source = path.name
+        if part == "decoder" and not network.has_decoder:
+            raise MAEError(
+                f"{source} has no decoder: reconstruction needs the full (decoder) weights.",
+                hint="use weights that include the decoder (e.g. mae_visualize_vit_*.pth or a `mae train` checkpoint)",
+            )
+        self.network = network.eval().to(device=self.device, dtype=self.dtype)
+        self.config = network.cfg
+        threads = f", {torch.get_num_threads()} threads" if self.device == "cpu" else ""
+        self.description = f"torch {torch.__version__} eager {self.device} {precision} ({source}{threads})"
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        checked = check_inputs(self.part, inputs)
+        data_name, ids_name = checked
+        data = torch.from_numpy(checked[data_name]).to(self.device, self.dtype)
+        ids = torch.from_numpy(checked[ids_name]).to(self.device)
+        self._check_ids(ids, data)
+        with torch.inference_mode():
+            if self.part == "encoder":
+                output = self.network.forward_encoder(data, ids)  # [B, 1+K, D]
+            else:
+                output = self.network.forward_decoder(data, ids)  # [B, L, p*p*3]
+        name = OUTPUT_NAMES[self.part][0]
+        return {name: output.float().cpu().numpy()}
+
+    def _check_ids(self, ids, data) -> None:  # noqa: ANN001 - torch tensors
+        """Out-of-range indices would raise deep inside torch.gather; say what is wrong instead."""
+        length = self.config.num_patches
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= length):
+            raise MAEError(f"patch indices must be in [0, {length}), got [{int(ids.min())}, {int(ids.max())}]")
+        if self.part == "encoder" and tuple(data.shape[1:]) != (3, self.config.img_size, self.config.img_size):
+            size = self.config.img_size
+            raise MAEError(f"pixel_values must be [B, 3, {size}, {size}] for this model, got {tuple(data.shape)}")
