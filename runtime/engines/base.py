@@ -81,6 +81,8 @@ def check_inputs(part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarr
     want_ndim = 4 if data_name == "pixel_values" else 3
     if data.ndim != want_ndim or ids.ndim != 2:
         raise MAEError(f"{data_name} must be {want_ndim}-D and {ids_name} 2-D, got shapes {data.shape} and {ids.shape}")
+    if data.shape[0] == 0:
+        raise MAEError(f"{data_name} holds no images (batch of 0)")
     if data.shape[0] != ids.shape[0]:
         raise MAEError(f"{data_name} has {data.shape[0]} images but {ids_name} has {ids.shape[0]} rows")
     return {data_name: data, ids_name: ids}
