@@ -137,6 +137,7 @@ def reconstruct(
     resize: Annotated[Resize, typer.Option()] = Resize.center,
     out: Annotated[Path, typer.Option(help="Output PNG (one image) or directory.")] = Path("reconstructions"),
     save_arrays: Annotated[Path | None, typer.Option(help="Write pred, mask, ids_restore, latent (.npz).")] = None,
+    device: Annotated[str, typer.Option(help="torch engine: auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Reconstruct masked images: original | masked | reconstruction | reconstruction + visible."""
     from mae.runtime.reconstruct import run_reconstruct

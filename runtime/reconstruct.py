@@ -1,0 +1,373 @@
+"""Masked reconstruction: images -> masking -> encoder -> decoder -> pictures, arrays and metrics.
+
+Every engine goes through the same numpy steps (preprocess, `masking`, `visualize`), so engines differ only by
+the numerics of their graphs. `reconstruct` is the library call (the demo uses it); `run_reconstruct` is
+`mae reconstruct`: it writes the pictures (and arrays) and prints a table.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mae.config import MAEConfig
+from mae.errors import MAEError
+from mae.runtime.bundle import Bundle, Preprocessing, atomic_write_bytes, is_bundle
+from mae.runtime.engines.base import Engine, create_engine
+from mae.runtime.masking import Masking, masking_from_noise, random_noise
+from mae.runtime.visualize import (
+    NORM_PIX_NOTE,
+    MaskedMetrics,
+    Panels,
+    build_panels,
+    masked_metrics,
+    panels_picture,
+)
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+ImageInput = str | os.PathLike | np.ndarray | Image.Image
+
+
+@dataclass
+class ReconstructionResult:
+    names: list[str]  # file names (or "image N" for in-memory images)
+    original_sizes: list[tuple[int, int]]  # (width, height) before preprocessing
+    pixel_values: np.ndarray  # [N, 3, S, S] normalized model input
+    noise: np.ndarray  # [N, L] the masking noise (smallest kept)
+    ids_keep: np.ndarray  # [N, K]
+    mask: np.ndarray  # [N, L] 1 = removed
+    ids_restore: np.ndarray  # [N, L]
+    latent: np.ndarray  # [N, 1+K, D]
+    pred: np.ndarray  # [N, L, p*p*3] decoder output (per-patch normalized when norm_pix_loss)
+    panels: Panels  # four [N, S, S, 3] pictures in [0, 1]
+    metrics: MaskedMetrics  # per image, removed patches only
+    mask_ratio: float
+    norm_pix_loss: bool
+    config: MAEConfig
+    preprocessing: Preprocessing
+    engines: list[str] = field(default_factory=list)  # descriptions of the encoder and decoder engines
+    notes: list[str] = field(default_factory=list)  # things the user should know
+
+    def row_labels(self) -> list[str]:
+        labels = []
+        for name, psnr, mse in zip(self.names, self.metrics.psnr, self.metrics.mse, strict=True):
+            scores = "" if np.isnan(psnr) else f"  PSNR {psnr:.2f} dB  MSE {mse:.5f} (removed patches)"
+            labels.append(f"{name}{scores}")
+        return labels
+
+    def picture(self, indices: Sequence[int] | None = None) -> Image.Image:
+        """The 4-panel picture of the chosen images (all by default), one row each."""
+        chosen = list(range(len(self.names))) if indices is None else list(indices)
+        panels = Panels(*(panel[chosen] for panel in self.panels))
+        labels = self.row_labels()
+        return panels_picture(panels, self.mask_ratio, self.norm_pix_loss, row_labels=[labels[i] for i in chosen])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What `--save-arrays` writes."""
+        return {
+            "pred": self.pred,
+            "mask": self.mask,
+            "ids_restore": self.ids_restore,
+            "latent": self.latent,
+            "ids_keep": self.ids_keep,
+            "noise": self.noise,
+            "names": np.asarray(self.names),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- the model
+@dataclass
+class _Model:
+    config: MAEConfig
+    preprocessing: Preprocessing
+    norm_pix_loss: bool
+    source: Any  # what the engines are created from: a bundle path or an in-memory MaskedAutoencoder
+    bundle: Bundle | None
+    notes: list[str]
+
+
+def _resolve_model(model: Any, engine: str, device: str) -> _Model:
+    """Read what the pictures need (config, preprocessing, norm_pix_loss) once, without building engines."""
+    if not isinstance(model, str | os.PathLike):  # an in-memory MaskedAutoencoder (training previews, tests)
+        if engine != "torch":
+            raise MAEError("An in-memory model runs with the torch engine only.")
+        cfg = model.cfg
+        return _Model(cfg, Preprocessing(size=cfg.img_size), cfg.norm_pix_loss, model, None, [])
+    path = Path(model)
+    if not path.exists():
+        raise MAEError(f"{path} does not exist.", hint="pass a bundle directory (`mae export`) or weights")
+    if is_bundle(path):
+        bundle = Bundle.load(path)
+        if not bundle.has_decoder:
+            raise MAEError(
+                f"The bundle {bundle.path} has no decoder: reconstruction needs the full (decoder) weights.",
+                hint="export from weights that include the decoder (e.g. mae_visualize_vit_*.pth or `mae train`)",
+            )
+        return _Model(bundle.config, bundle.preprocessing, bundle.norm_pix_loss, str(bundle.path), bundle, [])
+    if engine != "torch":
+        raise MAEError(
+            f"The {engine} engine runs an exported bundle, and {path} is not one (no mae.json).",
+            hint=f"export it first (`mae export {path} --out BUNDLE`) or add --engine torch",
+        )
+    from mae.weights import load_model
+
+    network, loaded = load_model(path, device="cpu")
+    if not loaded.has_decoder:
+        raise MAEError(
+            f"{path} holds the encoder only: reconstruction needs the full (decoder) weights.",
+            hint="use weights with the decoder (e.g. mae_visualize_vit_*.pth or a `mae train` checkpoint)",
+        )
+    cfg = loaded.config
+    notes = []
+    if not getattr(loaded, "norm_pix_loss_known", True):
+        notes.append(f"these weights do not record norm_pix_loss; assumed {cfg.norm_pix_loss}")
+    return _Model(cfg, Preprocessing(size=cfg.img_size), cfg.norm_pix_loss, network, None, notes)
+
+
+def _decoder_precision(model: _Model, precision: str, engine: str) -> str:
+    """int8 bundles usually quantize the encoder only: the decoder then runs its fp32 graph."""
+    if model.bundle is None or engine == "torch" or model.bundle.has_graph("decoder", precision):
+        return precision
+    return "fp32"
+
+
+def create_engines(
+    model: Any, engine: str = "onnx", precision: str = "fp32", **options: Any
+) -> tuple[Engine, Engine, list[str]]:
+    """(encoder engine, decoder engine, notes) for reconstruction; weights are loaded once for both."""
+    resolved = _resolve_model(model, engine, options.get("device") or "auto")
+    return _create_engines(resolved, engine, precision, options)
+
+
+def _create_engines(resolved: _Model, engine: str, precision: str, options: dict[str, Any]):  # noqa: ANN202
+    notes = list(resolved.notes)
+    encoder = create_engine(engine, resolved.source, "encoder", precision=precision, **options)
+    decoder_precision = _decoder_precision(resolved, precision, engine)
+    if decoder_precision != precision:
+        notes.append(f"the bundle has no {precision} decoder: the decoder runs {decoder_precision}")
+    decoder = create_engine(engine, resolved.source, "decoder", precision=decoder_precision, **options)
+    return encoder, decoder, notes
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def load_noise(noise: str | os.PathLike | np.ndarray, count: int, length: int) -> np.ndarray:
+    """[N, L] float32 noise from an array or a .npy file, checked against N images and L patches."""
+    if isinstance(noise, str | os.PathLike):
+        path = Path(noise)
+        try:
+            noise = np.load(path, allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise MAEError(f"Noise file {path} does not exist.") from exc
+        except (OSError, ValueError) as exc:
+            raise MAEError(f"Cannot read {path} as a .npy array: {exc}", hint="save it with numpy.save") from exc
+    noise = np.asarray(noise)
+    if not np.issubdtype(noise.dtype, np.number):
+        raise MAEError(f"noise must be numbers, got dtype {noise.dtype}")
+    if noise.shape != (count, length):
+        raise MAEError(
+            f"noise has shape {list(noise.shape)}, expected [{count}, {length}]: one row per image, one value per "
+            "patch (the smallest values are kept)",
+        )
+    noise = noise.astype(np.float32)
+    if not np.isfinite(noise).all():
+        raise MAEError("noise holds NaN or infinite values")
+    return noise
+
+
+def _load_images(images: Sequence[ImageInput], pre: Preprocessing, resize: str | None):  # noqa: ANN202
+    from mae.runtime.preprocess import load_and_preprocess, preprocess_image
+
+    names, sizes, arrays = [], [], []
+    for index, image in enumerate(images):
+        if isinstance(image, str | os.PathLike):
+            array, size = load_and_preprocess(image, pre, resize)
+            names.append(Path(image).name)
+        else:
+            picture = image if isinstance(image, Image.Image) else np.asarray(image)
+            size = picture.size if isinstance(picture, Image.Image) else (picture.shape[1], picture.shape[0])
+            array = preprocess_image(picture, pre, resize)
+            names.append(f"image {index}")
+        arrays.append(array)
+        sizes.append(size)
+    return names, sizes, np.stack(arrays)  # [N, 3, S, S]
+
+
+# ------------------------------------------------------------------------------------------------- library
+def reconstruct(
+    images: Sequence[ImageInput],
+    model: Any,
+    engine: str = "onnx",
+    mask_ratio: float = 0.75,
+    seed: int | None = 0,
+    noise: str | os.PathLike | np.ndarray | None = None,
+    resize: str | None = None,
+    precision: str = "fp32",
+    provider: str | None = None,
+    device: str | None = None,
+    batch_size: int = 16,
+    engines: tuple[Engine, Engine] | None = None,
+) -> ReconstructionResult:
+    """Reconstruct images (files, uint8 [H, W, 3] arrays or Pillow images) with `model`.
+
+    model: a bundle directory, or (torch engine) weights or a MaskedAutoencoder. Masking comes from `noise`
+    ([N, L] array or .npy, smallest kept, as Hugging Face's `noise`) or else from numpy noise seeded by `seed`.
+    engines: an (encoder, decoder) pair from `create_engines`, to reuse across calls.
+    """
+    if not images:
+        raise MAEError("No images to reconstruct.")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise MAEError(f"mask ratio {mask_ratio} must be in [0, 1)")
+    resolved = _resolve_model(model, engine, device or "auto")
+    cfg, pre = resolved.config, resolved.preprocessing
+    names, sizes, pixel_values = _load_images(images, pre, resize)
+    count, length = len(names), cfg.num_patches
+    noise_array = load_noise(noise, count, length) if noise is not None else random_noise(count, length, seed)
+    masking: Masking = masking_from_noise(noise_array, mask_ratio)
+
+    notes = list(resolved.notes)
+    if engines is None:
+        options = {"provider": provider, "device": device or "auto"}
+        encoder, decoder, engine_notes = _create_engines(resolved, engine, precision, options)
+        notes += engine_notes
+    else:
+        encoder, decoder = engines
+
+    latents, preds = [], []
+    for start in range(0, count, batch_size):
+        rows = slice(start, start + batch_size)
+        latent = encoder.run({"pixel_values": pixel_values[rows], "ids_keep": masking.ids_keep[rows]})["latent"]
+        pred = decoder.run({"latent": latent, "ids_restore": masking.ids_restore[rows]})["pred"]
+        latents.append(latent)  # [b, 1+K, D]
+        preds.append(pred)  # [b, L, p*p*3]
+    latent, pred = np.concatenate(latents), np.concatenate(preds)
+
+    visual = (cfg.patch_size, pre.mean, pre.std, resolved.norm_pix_loss)
+    panels = build_panels(pixel_values, pred, masking.mask, *visual)
+    metrics = masked_metrics(pixel_values, pred, masking.mask, *visual, panels=panels)
+    if resolved.norm_pix_loss:
+        notes.append(NORM_PIX_NOTE)
+    return ReconstructionResult(
+        names=names,
+        original_sizes=sizes,
+        pixel_values=pixel_values,
+        noise=noise_array,
+        ids_keep=masking.ids_keep,
+        mask=masking.mask,
+        ids_restore=masking.ids_restore,
+        latent=latent,
+        pred=pred,
+        panels=panels,
+        metrics=metrics,
+        mask_ratio=mask_ratio,
+        norm_pix_loss=resolved.norm_pix_loss,
+        config=cfg,
+        preprocessing=pre,
+        engines=[encoder.description, decoder.description],
+        notes=notes,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- output
+def picture_paths(names: Sequence[str], out: Path) -> list[Path] | Path:
+    """One picture file for all images when `out` names a picture file, else one per image inside `out`."""
+    if out.suffix.lower() in PICTURE_SUFFIXES:
+        return out
+    paths, used = [], set()
+    for name in names:
+        stem = Path(name).stem.replace(" ", "_") or "image"
+        candidate, counter = stem, 1
+        while candidate in used:  # photos from different folders may share a name
+            counter += 1
+            candidate = f"{stem}_{counter}"
+        used.add(candidate)
+        paths.append(out / f"{candidate}_reconstruction.png")
+    return paths
+
+
+def save_picture(picture: Image.Image, path: Path) -> None:
+    buffer = io.BytesIO()
+    picture.save(buffer, format=Image.registered_extensions()[path.suffix.lower()])
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_arrays(result: ReconstructionResult, path: Path) -> Path:
+    """`--save-arrays`: an .npz with pred, mask, ids_restore, latent (and ids_keep, noise, names), atomically."""
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    buffer = io.BytesIO()
+    np.savez(buffer, **result.arrays())
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def run_reconstruct(
+    images: Sequence[Path],
+    model: str,
+    engine: str = "onnx",
+    provider: str = "auto",
+    precision: str = "fp32",
+    mask_ratio: float = 0.75,
+    seed: int | None = 0,
+    noise: Path | None = None,
+    resize: str = "center",
+    out: Path = Path("reconstructions"),
+    save_arrays: Path | None = None,
+    device: str = "auto",
+    **_: Any,
+) -> ReconstructionResult:
+    """`mae reconstruct`: write the 4-panel pictures (and arrays), print PSNR / MSE on the removed patches."""
+    from rich.console import Console
+    from rich.table import Table
+
+    value = lambda option: getattr(option, "value", option)  # noqa: E731 - Typer hands over str Enums
+    result = reconstruct(
+        [Path(p) for p in images],
+        model,
+        engine=value(engine),
+        mask_ratio=mask_ratio,
+        seed=seed,
+        noise=noise,
+        resize=value(resize),
+        precision=value(precision),
+        provider=value(provider),
+        device=value(device),
+    )
+    out = Path(out)
+    targets = picture_paths(result.names, out)
+    if isinstance(targets, Path):
+        save_picture(result.picture(), targets)
+        written = [targets] * len(result.names)
+    else:
+        written = targets
+        for index, target in enumerate(targets):
+            save_picture(result.picture([index]), target)
+
+    console = Console()
+    table = Table(title=f"Masked reconstruction, {result.mask_ratio:.0%} of patches removed", title_justify="left")
+    for column, justify in (("image", "left"), ("size", "right"), ("PSNR dB", "right"), ("MSE", "right")):
+        table.add_column(column, justify=justify)
+    table.add_column("loss", justify="right")
+    table.add_column("picture", justify="left", overflow="fold")
+    for index, name in enumerate(result.names):
+        width, height = result.original_sizes[index]
+        psnr, mse, loss = (
+            float(values[index]) for values in (result.metrics.psnr, result.metrics.mse, result.metrics.loss)
+        )
+        cells = ("-", "-", "-") if np.isnan(mse) else (f"{psnr:.2f}", f"{mse:.5f}", f"{loss:.4f}")
+        table.add_row(name, f"{width}x{height}", *cells, str(written[index]))
+    console.print(table)
+    console.print("PSNR and MSE: [0, 1] pixels on the removed patches; loss: the training loss there.")
+    for description in dict.fromkeys(result.engines):
+        console.print(f"engine: {description}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    if save_arrays is not None:
+        console.print(f"arrays: {write_arrays(result, Path(save_arrays))}")
+    return result
