@@ -7,9 +7,11 @@ Layout of the saved dict:
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,11 @@ from mae.runtime.bundle import atomic_write_bytes
 
 FORMAT = "mae-checkpoint"
 FORMAT_VERSION = 1
+
+# Globals a weights-only load may build besides tensors and containers. `argparse.Namespace` only sets
+# attributes, and the official MAE training script stores its command line (`args`) as one in every
+# checkpoint it writes, so allowing it lets those files load without running anything from them.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor], config: MAEConfig, **extra: Any):
@@ -39,25 +46,55 @@ def save_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _refused_global(exc: Exception) -> str | None:
+    """The `module.name` torch's weights-only unpickler refused, when its message names one."""
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    return match.group(1) if match else None
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """torch.load(weights_only=True); a file that needs arbitrary unpickling is refused and nothing in it runs."""
     path = Path(path)
     if not path.is_file():
         raise MAEError(f"{path} does not exist or is not a file.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        refused = _refused_global(exc)
+        what = f" ({refused})" if refused else ""
         raise MAEError(
-            f"Refusing to load {path}: it contains Python objects that would have to be unpickled (code could run).",
+            f"Refusing to load {path}: it contains Python objects{what} that would have to be unpickled, "
+            "which can run code. Nothing from the file was executed.",
             hint="only load files you trust; re-save the weights as plain tensors (torch.save(model.state_dict()))"
             " or as safetensors",
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise MAEError(f"Cannot read {path} as a PyTorch file: {exc}", hint="is the file complete?") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
+        raise MAEError(
+            f"Cannot read {path} as a PyTorch file: {exc}", hint="is the file complete and a torch.save file?"
+        ) from exc
 
 
 def is_mae_checkpoint(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def checkpoint_from_payload(payload: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """Validate an already-read checkpoint dict; `config` becomes an MAEConfig."""
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise MAEError(
+            f"{path} is an mae checkpoint of format version {version!r}; this mae reads up to {FORMAT_VERSION}.",
+            hint="upgrade mae-toolkit",
+        )
+    state = payload.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MAEError(f"{path} is an mae checkpoint without a valid 'model' state dict.", hint="is the file complete?")
+    if not isinstance(payload.get("config"), dict):
+        raise MAEError(f"{path} is an mae checkpoint without its 'config'.", hint="is the file complete?")
+    payload = dict(payload)
+    payload["config"] = MAEConfig.from_dict(payload["config"])
+    return payload
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -65,6 +102,4 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     payload = safe_torch_load(path)
     if not is_mae_checkpoint(payload):
         raise MAEError(f"{path} is not an mae checkpoint.", hint="use mae.weights.load_weights for other formats")
-    payload = dict(payload)
-    payload["config"] = MAEConfig.from_dict(payload["config"])
-    return payload
+    return checkpoint_from_payload(payload, path)
