@@ -73,7 +73,10 @@ class DType(str, Enum):
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="Folder of images, searched recursively.")],
-    model: Annotated[str, typer.Option(help="Architecture preset.")] = "mae_vit_base_patch16",
+    model: Annotated[
+        str | None,
+        typer.Option(help="Architecture preset [default: mae_vit_base_patch16; with --resume the run's]."),
+    ] = None,
     img_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: the preset's).")] = None,
     patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels (default: the preset's).")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 400,
@@ -96,8 +99,17 @@ def train(
     workers: Annotated[int, typer.Option(min=0, help="Data-loading processes.")] = 2,
     save_every: Annotated[int, typer.Option(min=1, help="Keep an epoch checkpoint every N epochs.")] = 20,
     max_minutes: Annotated[float | None, typer.Option(help="Stop (cleanly, resumable) after this long.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop (cleanly, resumable) after N optimizer steps.")] = (
+        None
+    ),
+    device: Annotated[str, typer.Option(help="auto (this process's GPU if any), cpu, cuda, cuda:N.")] = "auto",
+    checkpoint_minutes: Annotated[float, typer.Option(help="Also refresh checkpoint.pt mid-epoch this often.")] = 10.0,
+    preview_images: Annotated[int, typer.Option(min=0, help="Images held out and reconstructed every epoch.")] = 4,
 ) -> None:
-    """Pretrain (or continue pretraining) an MAE on a folder of images."""
+    """Pretrain (or continue pretraining) an MAE on a folder of images.
+
+    Multi-GPU / multi-node: torchrun --nproc_per_node N -m mae.cli train ... (rank 0 writes).
+    """
     from mae.train import TrainOptions, run_training
 
     run_training(TrainOptions(**locals()))

@@ -1,0 +1,879 @@
+"""MAE pretraining with the paper's recipe, resumable to the step, on one process or under `torchrun`.
+
+Recipe (He et al. 2021, and the original `main_pretrain.py`): AdamW with betas (0.9, 0.95); weight decay on weight
+matrices and the cls/mask tokens, none on biases and norm parameters (1-D), and the fixed sin-cos position
+embeddings are not trained at all; lr = blr x effective batch / 256 with effective batch = batch x accum_iter x
+world size; linear warmup then a half-cycle cosine, set before every accumulation group from the fractional epoch;
+RandomResizedCrop(0.2-1.0, bicubic) + horizontal flip + ImageNet normalization (see `mae.data`).
+
+Exact resume: the checkpoint holds the model, optimizer, grad scaler, the position (epoch, batch, optimizer step)
+and the RNG states of every rank. The data a step sees is a function of (seed, epoch, index) alone (`mae.data`), so
+a run interrupted at any accumulation boundary and resumed ends with the weights an uninterrupted run has.
+
+Run directory (written by rank 0 only):
+    checkpoint.pt               latest state (atomic), epoch-end and on stop / interrupt / every checkpoint_minutes
+    checkpoint-{epoch}.pt       after epoch `epoch` (1-based) every `save_every` epochs and after the last one
+    log.jsonl                   one JSON object per line, "event": step | epoch | skipped_file | stopped | resumed
+    previews/epoch_{epoch:04d}.png  reconstructions of held-out images after each epoch
+    loss_curve.png              loss and learning rate against the optimizer step
+    run.json                    the options and the resolved configuration of the run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mae.checkpoint import load_checkpoint, save_checkpoint
+from mae.config import MAEConfig, get_preset
+from mae.data import (
+    Batch,
+    PretrainDataset,
+    ShardedBatchSampler,
+    SkippedSample,
+    find_images,
+    load_preview_images,
+    make_loader,
+    split_holdout,
+)
+from mae.distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
+from mae.errors import MAEError
+from mae.model import MaskedAutoencoder, count_parameters
+from mae.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, atomic_write_bytes, atomic_write_text
+
+DEFAULT_PRESET = "mae_vit_base_patch16"
+PRECISIONS = ("fp32", "bf16", "fp16")
+ADAMW_BETAS = (0.9, 0.95)
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+LOSS_CURVE = "loss_curve.png"
+PREVIEWS = "previews"
+RUN_FILE = "run.json"
+PREVIEW_SEED = 0  # masking noise of the previews: the same patches hidden every epoch
+# Options that decide what a run computes: resuming with different values would not continue the same run.
+RUN_DEFINING = ("epochs", "warmup_epochs", "batch_size", "accum_iter", "peak_lr", "min_lr", "weight_decay", "seed")
+
+
+@dataclass
+class TrainOptions:
+    """The options of `mae train` (same names); `run_training(TrainOptions(...))` is the command."""
+
+    data: Path  # folder of images, searched recursively
+    model: str | None = None  # preset; None: mae_vit_base_patch16, or the run's (--resume), or the weights' (--init)
+    img_size: int | None = None  # None: the preset's / the weights'
+    patch_size: int | None = None
+    epochs: int = 400
+    warmup_epochs: int = 40
+    batch_size: int = 64  # per process
+    accum_iter: int = 1  # gradient accumulation steps per optimizer step
+    blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256
+    lr: float | None = None  # absolute peak lr; overrides blr
+    min_lr: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.05
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True  # the paper's better target (per-patch normalized pixels)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (autocast + GradScaler, CUDA)
+    init: Path | None = None  # start from these weights (any format mae.weights reads); architecture from them
+    resume: bool = False  # continue OUT/checkpoint.pt
+    out: Path = Path("runs/mae")
+    seed: int = 0
+    workers: int = 2  # data-loading processes per rank
+    save_every: int = 20  # keep checkpoint-{epoch}.pt every N epochs (and the last)
+    max_minutes: float | None = None  # stop cleanly (checkpoint written, resumable) after this long
+    max_steps: int | None = None  # stop cleanly after this many optimizer steps in all (resumable)
+    device: str = "auto"  # auto: this rank's GPU if any, else CPU
+    checkpoint_minutes: float = 10.0  # also refresh checkpoint.pt mid-epoch this often
+    log_every: int = 1  # optimizer steps between "step" lines in log.jsonl
+    preview_images: int = 4  # held out of training and reconstructed after every epoch
+    progress: bool = True  # rich progress bar (rank 0)
+
+
+@dataclass
+class TrainResult:
+    final_loss: float | None  # mean loss of the last (possibly partial) epoch trained
+    epochs_completed: int  # full epochs done
+    epoch_position: float  # fractional epoch reached
+    global_step: int  # optimizer steps done in all
+    images_per_s: float  # training images per second in this session, all ranks together
+    seconds: float  # wall time of this session
+    stopped: str  # completed | max_minutes | max_steps | interrupted | already_complete
+    out: Path
+    checkpoint: Path
+    config: MAEConfig
+    epoch_checkpoints: list[Path] = field(default_factory=list)
+    previews: list[Path] = field(default_factory=list)
+    log: Path | None = None
+    loss_curve: Path | None = None
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), the whole run
+
+
+# ------------------------------------------------------------------------------------------------- recipe
+def learning_rate(epoch: float, peak_lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Linear warmup from 0, then half-cycle cosine to min_lr; `epoch` is fractional (the original's
+    adjust_learning_rate)."""
+    if epoch < warmup_epochs:
+        return peak_lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def peak_learning_rate(blr: float, lr: float | None, batch_size: int, accum_iter: int, world_size: int) -> float:
+    """lr, or blr scaled by the effective batch (batch x accum_iter x world size) / 256."""
+    return lr if lr is not None else blr * batch_size * accum_iter * world_size / 256
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """[no-decay group, decay group]. Biases and 1-D parameters (norms) are not decayed; parameters that do not
+    require grad (the fixed position embeddings) are left out of the optimizer altogether."""
+    no_decay: list[nn.Parameter] = []
+    decay: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _check_options(opts: TrainOptions, device: torch.device) -> None:
+    problems = []
+    if opts.precision not in PRECISIONS:
+        problems.append(f"--precision {opts.precision!r} must be one of {', '.join(PRECISIONS)}")
+    for name in ("epochs", "batch_size", "accum_iter", "save_every", "log_every"):
+        if getattr(opts, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.warmup_epochs < 0:
+        problems.append("--warmup-epochs must not be negative")
+    if opts.workers < 0:
+        problems.append("--workers must not be negative")
+    if opts.blr <= 0 or (opts.lr is not None and opts.lr <= 0):
+        problems.append("the learning rate (--blr / --lr) must be positive")
+    if opts.min_lr < 0 or opts.weight_decay < 0:
+        problems.append("--min-lr and --weight-decay must not be negative")
+    if not 0.0 <= opts.mask_ratio < 1.0:
+        problems.append(f"--mask-ratio {opts.mask_ratio} must be in [0, 1)")
+    if opts.max_minutes is not None and opts.max_minutes <= 0:
+        problems.append("--max-minutes must be positive")
+    if opts.max_steps is not None and opts.max_steps < 1:
+        problems.append("--max-steps must be at least 1")
+    if problems:
+        raise MAEError("Invalid training options: " + "; ".join(problems))
+    if opts.precision == "fp16" and device.type != "cuda":
+        raise MAEError(
+            "fp16 training needs a CUDA GPU (fp16 autocast with a gradient scaler); this run is on the "
+            f"{device.type.upper()}.",
+            hint="use --precision bf16 (fast on CPUs with AMX / AVX-512 BF16) or fp32",
+        )
+    if opts.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise MAEError("This GPU does not support bf16.", hint="use --precision fp16 or fp32")
+
+
+def _options_dict(opts: TrainOptions) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as plain tensors / containers (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+        "numpy_gauss": [int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    has_gauss, cached = state["numpy_gauss"]
+    keys = numpy_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((numpy_state["kind"], keys, numpy_state["pos"], has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopRequests:
+    """First SIGINT / SIGTERM: finish the current step, checkpoint, stop. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _json_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def _read_log(path: Path, upto_step: int | None = None) -> list[dict[str, Any]]:
+    """log.jsonl records; with upto_step, records written after that step are dropped (and the file rewritten):
+    the resumed run writes them again."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    if upto_step is not None:
+        records = [r for r in records if r.get("step", 0) <= upto_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class _Trainer:
+    def __init__(self, opts: TrainOptions, dist_info: DistInfo) -> None:
+        self.opts = opts
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.out = Path(opts.out)
+        self.checkpoint_path = self.out / CHECKPOINT
+        self.log_path = self.out / LOG
+        self.is_main = dist_info.is_main
+        from rich.console import Console
+
+        self.console = Console(stderr=True, quiet=not self.is_main)
+
+    # ----------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        opts = self.opts
+        _check_options(opts, self.device)
+        if opts.resume and not self.checkpoint_path.is_file():
+            raise MAEError(
+                f"--resume: there is no {CHECKPOINT} in {self.out} to continue.",
+                hint="check --out, or start a new run without --resume",
+            )
+        if not opts.resume and self.checkpoint_path.exists():
+            raise MAEError(
+                f"{self.out} already holds a run ({CHECKPOINT}); it would be overwritten.",
+                hint="pass --resume to continue it, or choose another --out",
+            )
+        if opts.resume and opts.init is not None:
+            self.console.print("[yellow]note:[/] --init is ignored with --resume (the weights come from the run)")
+
+        all_paths = find_images(opts.data)
+        self.train_paths, held_out = split_holdout(all_paths, opts.preview_images)
+        self.preview_paths = held_out or self.train_paths[: opts.preview_images]
+        self.previews_held_out = bool(held_out)
+        self.num_images = len(all_paths)
+
+        resume_payload = load_checkpoint(self.checkpoint_path) if opts.resume else None
+        self.config, self.preset, initial_state, self.init_notes = self._resolve_model(resume_payload)
+        self.num_kept = self.config.num_kept(opts.mask_ratio)
+        if self.num_kept < 1:
+            raise MAEError(
+                f"--mask-ratio {opts.mask_ratio} keeps no patch of the {self.config.num_patches}.",
+                hint="lower --mask-ratio",
+            )
+
+        self.peak_lr = peak_learning_rate(opts.blr, opts.lr, opts.batch_size, opts.accum_iter, self.dist.world_size)
+        self.sampler = ShardedBatchSampler(
+            len(self.train_paths), opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size
+        )
+        self.steps_per_epoch = self.sampler.batches_per_epoch()  # batches per rank per epoch
+        if self.steps_per_epoch == 0:
+            raise MAEError(
+                f"{len(self.train_paths)} training images make no full batch of {opts.batch_size} per process"
+                f" ({self.dist.world_size} process(es)); incomplete batches are dropped.",
+                hint="lower --batch-size or add images",
+            )
+        self.dataset = PretrainDataset(self.train_paths, self.config.img_size, self.config.num_patches, opts.seed)
+        self.loader = make_loader(self.dataset, self.sampler, opts.workers, pin_memory=self.device.type == "cuda")
+
+        torch.manual_seed(opts.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.model = MaskedAutoencoder(self.config).to(self.device)
+        if initial_state is not None:
+            self._load_initial_state(initial_state)
+        self.ddp_model: nn.Module = self.model
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = torch.optim.AdamW(
+            weight_decay_groups(self.model, opts.weight_decay), lr=self.peak_lr, betas=ADAMW_BETAS
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=opts.precision == "fp16")
+
+        # position: the next batch to train is batch `batch` of epoch `epoch`; `step` optimizer steps are done
+        self.epoch, self.batch, self.step, self.images_seen = 0, 0, 0, 0
+        self.skipped: dict[str, str] = {}  # path -> reason, the whole run
+        self.epoch_losses: list[float] = []  # step losses of the current epoch
+        self.last_epoch_loss: float | None = None
+        self.history: list[dict[str, Any]] = []  # "step" log records, for the loss curve
+        if resume_payload is not None:
+            self._restore(resume_payload)
+        elif self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log_path.unlink(missing_ok=True)  # a log without a checkpoint belongs to no resumable run
+            self._write_run_file()
+        barrier(self.dist)  # rank 0 has prepared the folder before anyone goes on
+
+    def _resolve_model(self, payload: dict[str, Any] | None):
+        """(config, preset name or None, state dict to load or None, notes)."""
+        opts = self.opts
+        overrides = {"norm_pix_loss": opts.norm_pix_loss, "mask_ratio": opts.mask_ratio}
+        if payload is not None:
+            config: MAEConfig = payload["config"]
+            run = payload.get("train", {})
+            preset = run.get("preset")
+            wanted = config
+            if opts.model is not None:
+                wanted = get_preset(opts.model).replace(img_size=config.img_size, patch_size=config.patch_size)
+            wanted = wanted.replace(
+                **{k: v for k, v in (("img_size", opts.img_size), ("patch_size", opts.patch_size)) if v is not None},
+                **overrides,
+            )
+            self._check_same_run(config, wanted, run, payload)
+            return config, preset, payload["model"], []
+        if opts.init is not None:
+            from mae.weights import load_weights, resize_weights
+
+            if opts.model is not None:
+                raise MAEError(
+                    "--init takes the architecture from the weights, so --model cannot choose another one.",
+                    hint="leave out --model (or --init)",
+                )
+            loaded = load_weights(opts.init)
+            if opts.patch_size is not None and opts.patch_size != loaded.config.patch_size:
+                raise MAEError(
+                    f"--patch-size {opts.patch_size} differs from the weights' {loaded.config.patch_size}; the patch "
+                    "embedding cannot be reused.",
+                    hint="leave out --patch-size",
+                )
+            if opts.img_size is not None and opts.img_size != loaded.config.img_size:
+                loaded = resize_weights(loaded, opts.img_size)
+            notes = list(loaded.notes)
+            if not loaded.has_decoder:
+                notes.append("the weights have no decoder: it starts from a fresh initialization")
+            return loaded.config.replace(**overrides), None, loaded.state_dict, notes
+        preset = opts.model or DEFAULT_PRESET
+        config = get_preset(preset, img_size=opts.img_size, patch_size=opts.patch_size).replace(**overrides)
+        return config, preset, None, []
+
+    def _check_same_run(self, config: MAEConfig, wanted: MAEConfig, run: dict[str, Any], payload) -> None:
+        opts = self.opts
+        differences = [
+            f"{name}: the run has {value!r}, now {getattr(wanted, name)!r}"
+            for name, value in config.to_dict().items()
+            if getattr(wanted, name) != value
+        ]
+        now = {
+            "epochs": opts.epochs,
+            "warmup_epochs": opts.warmup_epochs,
+            "batch_size": opts.batch_size,
+            "accum_iter": opts.accum_iter,
+            "peak_lr": peak_learning_rate(opts.blr, opts.lr, opts.batch_size, opts.accum_iter, self.dist.world_size),
+            "min_lr": opts.min_lr,
+            "weight_decay": opts.weight_decay,
+            "seed": opts.seed,
+            "world_size": self.dist.world_size,
+        }
+        for name in (*RUN_DEFINING, "world_size"):
+            before, after = run.get(name), now[name]
+            same = math.isclose(before, after, rel_tol=1e-12) if isinstance(after, float) else before == after
+            if not same:
+                differences.append(f"{name}: the run has {before!r}, now {after!r}")
+        if differences:
+            raise MAEError(
+                f"--resume: {self.checkpoint_path} was written by a run with other settings: " + "; ".join(differences),
+                hint=f"resume with the run's options (see {self.out / RUN_FILE}), or start a new run in another --out",
+            )
+
+    def _load_initial_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [name for name in missing if not name.startswith(("decoder_", "mask_token"))]
+        if missing or unexpected:
+            raise MAEError(
+                "The weights do not fit the model: "
+                + (f"missing {', '.join(missing[:5])}" if missing else "")
+                + (f" unexpected {', '.join(unexpected[:5])}" if unexpected else ""),
+                hint="is this an MAE checkpoint?",
+            )
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        position = payload["position"]
+        self.epoch, self.batch, self.step = position["epoch"], position["batch"], position["step"]
+        self.images_seen = position["images_seen"]
+        self.epoch_losses = list(payload.get("epoch_losses", []))
+        self.last_epoch_loss = payload.get("last_epoch_loss")
+        self.skipped = {item["path"]: item["reason"] for item in payload.get("skipped_files", [])}
+        rng_states = payload.get("rng", [])
+        if len(rng_states) == self.dist.world_size:
+            _set_rng_state(rng_states[self.dist.rank])
+        data = payload.get("data", {})
+        if data.get("num_images") not in (None, self.num_images):
+            self.console.print(
+                f"[yellow]note:[/] the data folder now has {self.num_images} images, the run started with "
+                f"{data['num_images']}: the resumed run does not see the data an uninterrupted one would"
+            )
+        barrier(self.dist)  # everyone has read the checkpoint before rank 0 rewrites the log
+        if self.is_main:
+            records = _read_log(self.log_path, upto_step=self.step)
+            self.history = [r for r in records if r.get("event") == "step" and r.get("loss") is not None]
+            _json_line(self.log_path, {"event": "resumed", "step": self.step, "epoch": self._epoch_float()})
+
+    def _write_run_file(self) -> None:
+        record = {
+            "options": _options_dict(self.opts),
+            "config": self.config.to_dict(),
+            "preset": self.preset,
+            "world_size": self.dist.world_size,
+            "effective_batch": self.opts.batch_size * self.opts.accum_iter * self.dist.world_size,
+            "peak_lr": self.peak_lr,
+            "num_images": self.num_images,
+            "train_images": len(self.train_paths),
+            "preview_images": [str(p) for p in self.preview_paths],
+            "previews_held_out": self.previews_held_out,
+        }
+        atomic_write_text(self.out / RUN_FILE, json.dumps(record, indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _epoch_float(self) -> float:
+        return self.epoch + self.batch / self.steps_per_epoch
+
+    def _save(self) -> None:
+        """checkpoint.pt for the current position. Collective (RNG states are gathered); rank 0 writes."""
+        rng_states = gather_objects(_rng_state(), self.dist)
+        if not self.is_main:
+            return
+        opts = self.opts
+        save_checkpoint(
+            self.checkpoint_path,
+            self.model.state_dict(),
+            self.config,
+            epoch=self.epoch,  # epochs completed (a mid-epoch checkpoint has `batch` > 0 as well)
+            position={"epoch": self.epoch, "batch": self.batch, "step": self.step, "images_seen": self.images_seen},
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=rng_states,
+            train={
+                "preset": self.preset,
+                "epochs": opts.epochs,
+                "warmup_epochs": opts.warmup_epochs,
+                "batch_size": opts.batch_size,
+                "accum_iter": opts.accum_iter,
+                "peak_lr": self.peak_lr,
+                "min_lr": opts.min_lr,
+                "weight_decay": opts.weight_decay,
+                "seed": opts.seed,
+                "world_size": self.dist.world_size,
+                "precision": opts.precision,
+            },
+            data={"num_images": self.num_images, "train_images": len(self.train_paths)},
+            epoch_losses=list(self.epoch_losses),
+            last_epoch_loss=self.last_epoch_loss,
+            skipped_files=[{"path": p, "reason": r} for p, r in sorted(self.skipped.items())],
+        )
+
+    # ------------------------------------------------------------------------------------------ training
+    def _forward_backward(self, batch: Batch, sync: bool) -> tuple[float | None, int]:
+        """One micro-batch: forward, loss, backward (gradient pre-divided by accum_iter).
+        -> (mean loss over all ranks, images over all ranks); the loss is None when there were no images.
+
+        A batch whose files were all unreadable still runs a zero-weight step on one blank image: under DDP every
+        rank must take part in each gradient all-reduce."""
+        images, noise, count = batch.images, batch.noise, batch.images.shape[0]
+        if count == 0:
+            size = self.config.img_size
+            images = torch.zeros(1, self.config.in_chans, size, size)
+            noise = torch.rand(1, self.config.num_patches, generator=torch.Generator().manual_seed(0))
+        images = images.to(self.device, non_blocking=True)  # [B, 3, S, S]
+        noise = noise.to(self.device, non_blocking=True)  # [B, L]
+        no_sync = self.ddp_model.no_sync() if self.dist.enabled and not sync else contextlib.nullcontext()
+        with no_sync:
+            with autocast_context(self.opts.precision, self.device):
+                output = self.ddp_model(images, mask_ratio=self.opts.mask_ratio, noise=noise)
+            loss = output.loss  # [] float32 (forward_loss works in float32)
+            local = loss.item() if count else 0.0
+            # every rank learns every rank's loss before any weight changes: a non-finite loss stops all of them
+            loss_sum, images_sum = all_reduce_sum([local * count, float(count)], self.dist)
+            mean_loss = loss_sum / images_sum if images_sum else None
+            if mean_loss is not None and not math.isfinite(mean_loss):
+                self._diverged(mean_loss)
+            weight = 1.0 if count else 0.0
+            self.scaler.scale(loss * (weight / self.opts.accum_iter)).backward()
+        return mean_loss, int(images_sum)
+
+    def _diverged(self, value: float) -> None:
+        last = (
+            f"the last good checkpoint ({self.checkpoint_path}, epoch {self.epoch}) is kept"
+            if self.checkpoint_path.is_file()
+            else "no checkpoint was written yet"
+        )
+        if self.is_main:
+            _json_line(self.log_path, {"event": "stopped", "reason": "non_finite_loss", "step": self.step})
+        raise MAEError(
+            f"The loss became {value} at epoch {self._epoch_float():.3f} (optimizer step {self.step + 1}); "
+            f"training stopped and {last}.",
+            hint="lower --blr / --lr, use a longer --warmup-epochs, or --precision fp32; --resume continues from "
+            "the checkpoint",
+        )
+
+    def _stop_reason(self, started: float, signals: _StopRequests) -> str | None:
+        """Why to stop after this optimizer step, agreed by every rank."""
+        opts = self.opts
+        reasons = [
+            ("max_steps", opts.max_steps is not None and self.step >= opts.max_steps),
+            ("max_minutes", opts.max_minutes is not None and time.monotonic() - started >= opts.max_minutes * 60),
+            ("interrupted", signals.requested),
+        ]
+        flags = all_reduce_sum([float(flag) for _, flag in reasons], self.dist)
+        return next((name for (name, _), flag in zip(reasons, flags, strict=True) if flag > 0), None)
+
+    def _epoch_batches(self) -> Iterator[tuple[int, Batch]]:
+        self.sampler.set_epoch(self.epoch, self.batch)
+        yield from enumerate(self.loader, start=self.batch)
+
+    def train(self) -> TrainResult:
+        opts = self.opts
+        started = time.monotonic()
+        session_images = 0
+        stopped = "completed"
+        previews: list[Path] = []
+        epoch_checkpoints: list[Path] = []
+        if self.epoch >= opts.epochs:
+            self.console.print(f"The run in {self.out} has already done its {opts.epochs} epochs.")
+            return self._result("already_complete", session_images, time.monotonic() - started, [], [])
+        self._announce()
+        last_checkpoint = time.monotonic()
+        interval_images, interval_start = 0, time.monotonic()
+        progress = self._progress()
+        task = progress.add_task("", total=opts.epochs * self.steps_per_epoch, completed=self._micro_done())
+        self.model.train()
+        with progress, _StopRequests() as signals:
+            while self.epoch < opts.epochs and stopped == "completed":
+                self.optimizer.zero_grad(set_to_none=True)  # a partial accumulation group never crosses epochs
+                group_losses: list[float] = []
+                for batch_index, batch in self._epoch_batches():
+                    self._note_skipped(batch.skipped)
+                    if batch_index % opts.accum_iter == 0:
+                        lr = learning_rate(
+                            batch_index / self.steps_per_epoch + self.epoch,
+                            self.peak_lr,
+                            opts.min_lr,
+                            opts.warmup_epochs,
+                            opts.epochs,
+                        )
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = lr
+                    update = (batch_index + 1) % opts.accum_iter == 0
+                    loss, images = self._forward_backward(batch, sync=update)
+                    if loss is not None:
+                        group_losses.append(loss)
+                    session_images += images
+                    interval_images += images
+                    self.images_seen += images
+                    progress.update(task, advance=1, description=f"epoch {self.epoch + 1}/{opts.epochs}")
+                    if not update:
+                        continue
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    self.batch = batch_index + 1
+                    step_loss = sum(group_losses) / len(group_losses) if group_losses else None
+                    group_losses = []
+                    if step_loss is not None:
+                        self.epoch_losses.append(step_loss)
+                    now = time.monotonic()
+                    images_per_s = interval_images / max(now - interval_start, 1e-9)
+                    if self.step % opts.log_every == 0:
+                        self._log_step(step_loss, self.optimizer.param_groups[0]["lr"], images_per_s)
+                        interval_images, interval_start = 0, now
+                    loss_text = f"{step_loss:.4f}" if step_loss is not None else "n/a"
+                    progress.update(
+                        task,
+                        description=f"epoch {self.epoch + 1}/{opts.epochs}  loss {loss_text}  "
+                        f"lr {self.optimizer.param_groups[0]['lr']:.2e}  {images_per_s:.1f} img/s",
+                    )
+                    reason = self._stop_reason(started, signals)
+                    if reason is not None:
+                        stopped = reason
+                        if self.batch < self.steps_per_epoch:  # mid-epoch: checkpoint this position and leave
+                            self._save()
+                            break
+                    elif now - last_checkpoint >= opts.checkpoint_minutes * 60:
+                        self._save()
+                        last_checkpoint = time.monotonic()
+                else:
+                    # the epoch ran to its end (also when a stop was asked at its last optimizer step)
+                    path, preview = self._end_epoch()
+                    last_checkpoint = time.monotonic()
+                    epoch_checkpoints += [path] if path else []
+                    previews += [preview] if preview else []
+                    if stopped == "completed" and self.epoch < opts.epochs:
+                        reason = self._stop_reason(started, signals)
+                        stopped = reason or stopped
+                    continue
+                break  # left mid-epoch
+            if stopped != "completed" and self.is_main:
+                _json_line(
+                    self.log_path,
+                    {"event": "stopped", "reason": stopped, "step": self.step, "epoch": self._epoch_float()},
+                )
+        seconds = time.monotonic() - started
+        self._draw_loss_curve()
+        barrier(self.dist)
+        return self._result(stopped, session_images, seconds, epoch_checkpoints, previews)
+
+    def _micro_done(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.batch
+
+    def _note_skipped(self, skipped: list[SkippedSample]) -> None:
+        for sample in skipped:
+            if sample.path not in self.skipped:
+                self.skipped[sample.path] = sample.reason
+                if self.is_main:
+                    self.console.print(f"[yellow]skipped[/] {sample.message}")
+
+    def _log_step(self, loss: float | None, lr: float, images_per_s: float) -> None:
+        if not self.is_main:
+            return
+        record = {
+            "event": "step",
+            "step": self.step,
+            "epoch": round(self._epoch_float(), 6),
+            "loss": loss,
+            "lr": lr,
+            "images_per_s": round(images_per_s, 3),
+            "images": self.images_seen,
+        }
+        _json_line(self.log_path, record)
+        if loss is not None:
+            self.history.append(record)
+
+    def _end_epoch(self) -> tuple[Path | None, Path | None]:
+        """Gather skipped files, checkpoint, epoch checkpoint, preview, loss curve, log line."""
+        opts = self.opts
+        before = set(self.skipped)
+        for rank_skipped in gather_objects(dict(self.skipped), self.dist):
+            for path, reason in rank_skipped.items():
+                self.skipped.setdefault(path, reason)
+        if self.images_seen == 0:
+            raise MAEError(
+                f"None of the {len(self.train_paths)} training files could be read as an image "
+                f"({len(self.skipped)} skipped).",
+                hint="check the --data folder; `mae info`-style checks: open a few files with an image viewer",
+            )
+        self.last_epoch_loss = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else None
+        self.epoch += 1
+        self.batch = 0
+        epoch_loss = self.last_epoch_loss
+        self.epoch_losses = []
+        self._save()
+        epoch_path = preview = None
+        if self.is_main:
+            for path in sorted(set(self.skipped) - before):
+                record = {"event": "skipped_file", "step": self.step, "path": path, "reason": self.skipped[path]}
+                _json_line(self.log_path, record)
+            if self.epoch % opts.save_every == 0 or self.epoch == opts.epochs:
+                epoch_path = self.out / f"checkpoint-{self.epoch}.pt"
+                _copy_atomic(self.checkpoint_path, epoch_path)
+            preview = self._write_preview()
+            self._draw_loss_curve()
+            _json_line(
+                self.log_path,
+                {
+                    "event": "epoch",
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "loss": epoch_loss,
+                    "images": self.images_seen,
+                    "skipped_files": len(self.skipped),
+                },
+            )
+        return epoch_path, preview
+
+    # ------------------------------------------------------------------------------------------ outputs
+    @torch.no_grad()
+    def _write_preview(self) -> Path | None:
+        """Reconstructions of the preview images with fixed masking, drawn by mae.runtime.visualize."""
+        from mae.runtime.masking import random_noise
+        from mae.runtime.visualize import build_panels, masked_metrics, panels_picture
+
+        pixel_values, used, _ = load_preview_images(self.preview_paths, self.config.img_size)
+        if not used:
+            return None
+        noise = random_noise(len(used), self.config.num_patches, seed=PREVIEW_SEED)  # [N, L], as `mae reconstruct`
+        was_training = self.model.training
+        self.model.eval()
+        output = self.model(
+            torch.from_numpy(pixel_values).to(self.device),
+            mask_ratio=self.opts.mask_ratio,
+            noise=torch.from_numpy(noise),
+        )
+        self.model.train(was_training)
+        pred = output.pred.float().cpu().numpy()  # [N, L, p*p*3]
+        mask = output.mask.float().cpu().numpy()  # [N, L]
+        args = (self.config.patch_size, IMAGENET_MEAN, IMAGENET_STD, self.config.norm_pix_loss)
+        panels = build_panels(pixel_values, pred, mask, *args)
+        metrics = masked_metrics(pixel_values, pred, mask, *args, panels=panels)
+        origin = "held out" if self.previews_held_out else "trained on"
+        labels = [
+            f"epoch {self.epoch} · {path.name} ({origin}) · loss {loss:.4f} · PSNR {psnr:.1f} dB"
+            for path, loss, psnr in zip(used, metrics.loss, metrics.psnr, strict=True)
+        ]
+        picture = panels_picture(panels, self.opts.mask_ratio, self.config.norm_pix_loss, row_labels=labels)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        path = self.out / PREVIEWS / f"epoch_{self.epoch:04d}.png"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def _draw_loss_curve(self) -> None:
+        if not self.is_main or not self.history:
+            return
+        from mae.plots import save_loss_curve
+
+        save_loss_curve(
+            self.out / LOSS_CURVE,
+            [r["step"] for r in self.history],
+            [r["loss"] for r in self.history],
+            [r["lr"] for r in self.history],
+            title=f"MAE pretraining, {self.preset or 'from ' + str(self.opts.init)}",
+        )
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not (self.opts.progress and self.is_main),
+        )
+
+    def _announce(self) -> None:
+        opts = self.opts
+        parameters = count_parameters(self.model, trainable_only=True)
+        held = "held out" if self.previews_held_out else "from the training set (too few images to hold out)"
+        lines = [
+            f"[bold]mae train[/] {self.preset or opts.init}: {self.config.img_size} px, patch "
+            f"{self.config.patch_size}, {parameters / 1e6:.2f} M trainable parameters, "
+            f"norm_pix_loss={self.config.norm_pix_loss}, mask {opts.mask_ratio:.0%}",
+            f"data: {self.num_images} images in {opts.data} ({len(self.train_paths)} for training, "
+            f"{len(self.preview_paths)} previews {held})",
+            f"{self.dist.world_size} process(es) on {self.device}, {opts.precision}; batch {opts.batch_size} x accum "
+            f"{opts.accum_iter} x {self.dist.world_size} = {opts.batch_size * opts.accum_iter * self.dist.world_size}"
+            f", peak lr {self.peak_lr:.3e}, {self.steps_per_epoch // opts.accum_iter} optimizer steps per epoch",
+        ]
+        if opts.resume:
+            lines.append(f"resuming at epoch {self._epoch_float():.3f}, optimizer step {self.step}")
+        lines += [f"[yellow]note:[/] {note}" for note in self.init_notes]
+        for line in lines:
+            self.console.print(line)
+
+    def _result(self, stopped: str, session_images: int, seconds: float, epoch_checkpoints, previews) -> TrainResult:
+        if self.is_main and stopped != "already_complete":
+            self._report(stopped, session_images, seconds)
+        final = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else self.last_epoch_loss
+        loss_curve = self.out / LOSS_CURVE
+        return TrainResult(
+            final_loss=final,
+            epochs_completed=self.epoch,
+            epoch_position=self._epoch_float(),
+            global_step=self.step,
+            images_per_s=session_images / seconds if seconds > 0 else 0.0,
+            seconds=seconds,
+            stopped=stopped,
+            out=self.out,
+            checkpoint=self.checkpoint_path,
+            config=self.config,
+            epoch_checkpoints=epoch_checkpoints,
+            previews=previews,
+            log=self.log_path,
+            loss_curve=loss_curve if loss_curve.is_file() else None,
+            skipped_files=sorted(self.skipped.items()),
+        )
+
+    def _report(self, stopped: str, session_images: int, seconds: float) -> None:
+        final = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else self.last_epoch_loss
+        how = {
+            "completed": "done",
+            "max_minutes": f"stopped after --max-minutes {self.opts.max_minutes}",
+            "max_steps": f"stopped after --max-steps {self.opts.max_steps}",
+            "interrupted": "interrupted",
+        }[stopped]
+        loss_text = f"{final:.4f}" if final is not None else "n/a"
+        self.console.print(
+            f"[bold green]{how}[/]: epoch {self._epoch_float():.3f}/{self.opts.epochs}, optimizer step {self.step}, "
+            f"loss {loss_text}, {session_images / max(seconds, 1e-9):.1f} images/s over {seconds:.0f} s"
+        )
+        if self.skipped:
+            shown = list(sorted(self.skipped.items()))[:5]
+            more = f" (+{len(self.skipped) - len(shown)} more in {self.log_path})" if len(self.skipped) > 5 else ""
+            listed = ", ".join(f"{Path(p).name} ({r})" for p, r in shown)
+            self.console.print(f"[yellow]{len(self.skipped)} unreadable file(s) skipped:[/] {listed}{more}")
+        self.console.print(f"checkpoint: {self.checkpoint_path}  log: {self.log_path}")
+        if stopped != "completed":
+            self.console.print(f"continue with: mae train ... --out {self.out} --resume")
+
+
+def run_training(opts: TrainOptions) -> TrainResult:
+    """Train (or resume) an MAE as `opts` say; see the module docstring for what is written."""
+    opts = TrainOptions(**{**asdict(opts), "precision": str(getattr(opts.precision, "value", opts.precision))})
+    dist_info = init_distributed(opts.device)
+    try:
+        trainer = _Trainer(opts, dist_info)
+        trainer.setup()
+        return trainer.train()
+    finally:
+        cleanup(dist_info)
