@@ -177,9 +177,10 @@ def embed(
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any file fails.")] = False,
 ) -> None:
     """Embed a folder of images in resumable, row-aligned shards."""
+    options = dict(locals())  # before the import below adds a name
     from mae.runtime.embed import run_embed
 
-    run_embed(**locals())
+    run_embed(**options)
 
 
 # -------------------------------------------------------------------------------------------------- bench

@@ -1,0 +1,722 @@
+"""`mae embed`: images -> pooled encoder features, batched, pipelined, resumable and sharded.
+
+Pipeline: worker processes (`workers`, spawned, numpy + Pillow only) decode and pre-process chunks of `batch_size`
+images while the main process runs the engine; a bounded window of chunks in flight keeps memory flat and the
+engine fed. Images are batched in input order within each output file, so a file's content does not depend on
+timing, on how many workers decoded it, or on whether the run was interrupted before. Engines that want static
+shapes (TensorRT, OpenVINO) get the last batch of a file padded with copies of its last image; the others run it
+smaller.
+
+Features are the encoder's unmasked tokens (`ids_keep = arange(L)`), `latent` [B, 1+L, D], pooled as `cls`
+([B, D], the class token), `mean` (mean of the L patch tokens), `cls+mean` ([B, 2D]) or `tokens` (all of them,
+[B, 1+L, D]: 3-D files, which embedding-reader does not read). `--l2-normalize` scales each vector (each token for
+`tokens`) to unit length; `--dtype float16` casts at the very end.
+
+Output layout, row alignment and why failed images are in `failures/` rather than in the embeddings: see
+`mae.runtime.shards`. Every input ends up either as a row of embeddings/ + metadata/ or as a row of failures/ with
+its reason; a bad file never stops the job. `strict=True` raises (output kept) if any input failed.
+
+Resuming: run again with the same arguments; output files with a valid done marker are skipped, the rest are
+computed again from scratch, giving files identical to an uninterrupted run. The run's parameters (model checksum,
+engine, precision, pool, resize, dtype, l2, shard size, preprocessing and the input list's checksum) are recorded
+in run.json, and a different set is refused.
+
+Scale-out: `shard="I/N"` (or RANK/WORLD_SIZE, or a Slurm array) makes this worker write the output files k with
+k % N == I (see `mae.runtime.inputs`). Each worker writes `summary.json` when N == 1 and `summary-I-of-N.json`
+otherwise, so that workers never overwrite each other's summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mae import __version__
+from mae.errors import MAEError
+from mae.runtime.bundle import Bundle, Preprocessing, is_bundle, sha256_file
+from mae.runtime.embed_worker import DecodedChunk, DecodeTask, decode_chunk, init_worker
+from mae.runtime.inputs import Inputs, ShardSpec, file_range, keys_checksum, list_inputs, output_files_for, shard_spec
+from mae.runtime.masking import full_ids_keep
+from mae.runtime.shards import (
+    FAILURE_COLUMNS,
+    METADATA_COLUMNS,
+    OutputFolder,
+    ShardRows,
+    atomic_write,
+    params_checksum,
+)
+
+POOLS = ("cls", "mean", "cls+mean", "tokens")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+STATIC_SHAPE_ENGINES = ("trt", "tensorrt", "openvino")
+SUMMARY_FORMAT = "mae-embeddings-summary"
+
+
+class EmbedFailures(MAEError):
+    """Raised with strict=True when some inputs could not be embedded; the output and summary are written."""
+
+    def __init__(self, message: str, hint: str, summary: dict[str, Any]) -> None:
+        super().__init__(message, hint=hint)
+        self.summary = summary
+
+
+# ------------------------------------------------------------------------------------------------ pooling
+def pool_tokens(latent: np.ndarray, pool: str) -> np.ndarray:
+    """latent [B, 1+L, D] -> [B, D] (cls, mean), [B, 2D] (cls+mean) or [B, 1+L, D] (tokens)."""
+    if pool == "cls":
+        return latent[:, 0]
+    if pool == "mean":
+        return latent[:, 1:].mean(axis=1)
+    if pool == "cls+mean":
+        return np.concatenate([latent[:, 0], latent[:, 1:].mean(axis=1)], axis=-1)
+    if pool == "tokens":
+        return latent
+    raise MAEError(f"Unknown pooling {pool!r}", hint=f"use one of: {', '.join(POOLS)}")
+
+
+def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Unit length along the last axis; an all-zero vector stays zero."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norms, eps)
+
+
+def embedding_shape(config: Any, pool: str) -> list[int]:
+    """Shape of one image's embedding (without the row axis)."""
+    width = config.embed_dim
+    if pool == "tokens":
+        return [1 + config.num_patches, width]
+    return [2 * width if pool == "cls+mean" else width]
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def model_checksum(model: str, engine_name: str, precision: str) -> str:
+    """sha256 of what really runs: the bundle's graph (or for torch its source weights), or the weights."""
+    path = Path(model)
+    if is_bundle(path):
+        bundle = Bundle.load(path)
+        if engine_name == "torch":
+            recorded = (bundle.manifest.get("source") or {}).get("sha256")
+            if recorded:
+                return str(recorded)
+            from mae.runtime.engines.torch import bundle_source
+
+            source = bundle_source(path)
+            return _path_checksum(source) if source is not None else _path_checksum(bundle.graph("encoder", precision))
+        recorded = bundle.manifest.get("graphs", {}).get(precision, {}).get("encoder", {}).get("sha256")
+        return str(recorded) if recorded else sha256_file(bundle.graph("encoder", precision))
+    if not path.exists():
+        raise MAEError(f"--model {model} does not exist.", hint="pass a bundle directory or weights for --engine torch")
+    return _path_checksum(path)
+
+
+def _path_checksum(path: Path) -> str:
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()  # a weights folder (e.g. Hugging Face): names and contents of its files
+    for item in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
+    return digest.hexdigest()
+
+
+def _preprocessing_for(model: str, engine: Any) -> Preprocessing:
+    if is_bundle(Path(model)):
+        return Bundle.load(Path(model)).preprocessing
+    return Preprocessing(size=engine.config.img_size)
+
+
+# ------------------------------------------------------------------------------------------------- decoding
+def _ignore_sigint_then_init(max_image_pixels: int | None) -> None:
+    # Ctrl-C goes to the whole process group: the main process handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(max_image_pixels)
+
+
+@dataclass
+class _Pending:
+    task: DecodeTask
+    future: Future | None
+    generation: int
+
+
+class Decoder:
+    """Decode tasks in `workers` spawned processes (or inline with 0), surviving a worker that dies.
+
+    If a decoder process crashes (a segfault in a codec, the OOM killer), every chunk that was in flight is decoded
+    again one image per task, so only the file that kills a process is recorded as failed ("decoder_crashed").
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.generation = 0
+        self.restarts = 0
+        self.executor: ProcessPoolExecutor | None = None
+        if workers > 0:
+            self._start()
+
+    def _start(self) -> None:
+        self.executor = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_ignore_sigint_then_init,
+            initargs=(Image.MAX_IMAGE_PIXELS,),
+        )
+
+    def _restart(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        self.generation += 1
+        self.restarts += 1
+        self._start()
+
+    def submit(self, task: DecodeTask) -> _Pending:
+        if self.executor is None:
+            return _Pending(task, None, self.generation)
+        try:
+            return _Pending(task, self.executor.submit(decode_chunk, task), self.generation)
+        except BrokenProcessPool:
+            self._restart()
+            return _Pending(task, self.executor.submit(decode_chunk, task), self.generation)
+
+    def result(self, pending: _Pending) -> DecodedChunk:
+        if pending.future is None:
+            return decode_chunk(pending.task)
+        try:
+            return pending.future.result()
+        except BrokenProcessPool:
+            if pending.generation == self.generation:
+                self._restart()
+            return self._isolated(pending.task)
+
+    def _isolated(self, task: DecodeTask) -> DecodedChunk:
+        parts: list[DecodedChunk] = []
+        for index, path in zip(task.indexes, task.paths, strict=True):
+            single = DecodeTask([index], [path], task.preprocessing, task.resize)
+            try:
+                parts.append(self.executor.submit(decode_chunk, single).result())
+            except BrokenProcessPool:
+                self._restart()
+                message = f"{path}: the decoding process died on this file"
+                parts.append(DecodedChunk(np.zeros((0,)), [], [], [(index, "decoder_crashed", message)], 0.0))
+        arrays = [part.pixel_values for part in parts if part.ok_indexes]
+        size = Preprocessing.from_dict(task.preprocessing).size
+        pixel_values = np.concatenate(arrays) if arrays else np.zeros((0, 3, size, size), np.float32)
+        return DecodedChunk(
+            pixel_values,
+            [i for part in parts for i in part.ok_indexes],
+            [s for part in parts for s in part.sizes],
+            [f for part in parts for f in part.failures],
+            sum(part.seconds for part in parts),
+        )
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class _Stats:
+    decode_seconds: float = 0.0  # summed over workers
+    wait_seconds: float = 0.0  # main process waiting for decoded images
+    inference_seconds: float = 0.0
+    write_seconds: float = 0.0
+    batches: int = 0
+    padded_rows: int = 0
+    embedded: int = 0
+    failed: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _FileState:
+    """One output file being filled."""
+
+    number: int
+    indexes: range
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    metadata: dict[str, list] = field(default_factory=lambda: {name: [] for name in METADATA_COLUMNS})
+    failures: dict[str, list] = field(default_factory=lambda: {name: [] for name in FAILURE_COLUMNS})
+    # decoded images waiting for a full batch
+    waiting_pixels: list[np.ndarray] = field(default_factory=list)
+    waiting_rows: list[tuple[int, tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.waiting_rows)
+
+
+def _text(value: str) -> str:
+    """File names that are not valid UTF-8 (surrogate-escaped by Python) shown with backslash escapes."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Embedder:
+    def __init__(
+        self,
+        engine: Any,
+        inputs: Inputs,
+        pool: str,
+        dtype: str,
+        l2: bool,
+        batch_size: int,
+        config: Any,
+        progress: Any,
+    ) -> None:
+        self.engine = engine
+        self.inputs = inputs
+        self.pool = pool
+        self.dtype = DTYPES[dtype]
+        self.l2 = l2
+        self.batch_size = batch_size
+        self.num_patches = config.num_patches
+        self.embed_dim = config.embed_dim
+        self.pad = getattr(engine, "name", "") in STATIC_SHAPE_ENGINES
+        self.stats = _Stats()
+        self.progress = progress
+        self._ids_keep: dict[int, np.ndarray] = {}
+
+    def add_chunk(self, state: _FileState, chunk: DecodedChunk) -> None:
+        for index, reason, message in chunk.failures:
+            self._record_failure(state, index, reason, message)
+        if chunk.ok_indexes:
+            state.waiting_pixels.append(chunk.pixel_values)
+            state.waiting_rows.extend(zip(chunk.ok_indexes, chunk.sizes, strict=True))
+        while state.waiting >= self.batch_size:
+            self._run_batch(state, self.batch_size)
+
+    def finish(self, state: _FileState) -> ShardRows:
+        if state.waiting:
+            self._run_batch(state, state.waiting)
+        if state.embeddings:
+            embeddings = np.concatenate(state.embeddings)
+        else:
+            embeddings = np.zeros((0, *embedding_shape_for(self)), dtype=self.dtype)
+        return ShardRows(np.ascontiguousarray(embeddings), state.metadata, state.failures)
+
+    def _record_failure(self, state: _FileState, index: int, reason: str, message: str) -> None:
+        row = {
+            "path": _text(self.inputs.paths[index]),
+            "key": _text(self.inputs.keys[index]),
+            "index": index,
+            "status": "error",
+            "error": reason,
+            "width": None,
+            "height": None,
+            "message": _text(message),
+        }
+        for name in FAILURE_COLUMNS:
+            state.failures[name].append(row[name])
+        self.stats.failed += 1
+        self.stats.failed_by_reason[reason] = self.stats.failed_by_reason.get(reason, 0) + 1
+        self.progress.advance(1, failed=True)
+
+    def _take(self, state: _FileState, count: int) -> tuple[np.ndarray, list[tuple[int, tuple[int, int]]]]:
+        pixels = state.waiting_pixels[0] if len(state.waiting_pixels) == 1 else np.concatenate(state.waiting_pixels)
+        batch, rest = pixels[:count], pixels[count:]
+        state.waiting_pixels = [rest] if len(rest) else []
+        rows, state.waiting_rows = state.waiting_rows[:count], state.waiting_rows[count:]
+        return batch, rows
+
+    def _ids(self, batch: int) -> np.ndarray:
+        if batch not in self._ids_keep:
+            self._ids_keep[batch] = full_ids_keep(batch, self.num_patches)  # [B, L], all patches in order
+        return self._ids_keep[batch]
+
+    def _run_batch(self, state: _FileState, count: int) -> None:
+        pixel_values, rows = self._take(state, count)  # [n, 3, S, S]
+        real = len(rows)
+        if self.pad and real < self.batch_size:
+            padding = np.repeat(pixel_values[-1:], self.batch_size - real, axis=0)
+            pixel_values = np.concatenate([pixel_values, padding])
+            self.stats.padded_rows += self.batch_size - real
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        started = time.perf_counter()
+        outputs = self.engine.run({"pixel_values": pixel_values, "ids_keep": self._ids(len(pixel_values))})
+        self.stats.inference_seconds += time.perf_counter() - started
+        self.stats.batches += 1
+        latent = np.asarray(outputs["latent"])  # [B, 1+L, D]
+        expected = (len(pixel_values), 1 + self.num_patches, self.embed_dim)
+        if latent.shape != expected:
+            raise MAEError(
+                f"The engine returned latent {latent.shape}, expected {expected}.",
+                hint="the engine and the model's config disagree; re-export the bundle",
+            )
+        vectors = pool_tokens(latent[:real].astype(np.float32, copy=False), self.pool)
+        if self.l2:
+            vectors = l2_normalize(vectors)
+        state.embeddings.append(vectors.astype(self.dtype))
+        for index, (width, height) in rows:
+            values = {
+                "path": _text(self.inputs.paths[index]),
+                "key": _text(self.inputs.keys[index]),
+                "index": index,
+                "status": "ok",
+                "error": None,
+                "width": width,
+                "height": height,
+            }
+            for name in METADATA_COLUMNS:
+                state.metadata[name].append(values[name])
+        self.stats.embedded += real
+        self.progress.advance(real)
+
+
+def embedding_shape_for(embedder: _Embedder) -> tuple[int, ...]:
+    if embedder.pool == "tokens":
+        return (1 + embedder.num_patches, embedder.embed_dim)
+    return (2 * embedder.embed_dim if embedder.pool == "cls+mean" else embedder.embed_dim,)
+
+
+class _Progress:
+    """A rich progress bar (images, images/s, ETA, failures), or nothing."""
+
+    def __init__(self, total: int, enabled: bool, label: str) -> None:
+        self.bar = None
+        self.failed = 0
+        if not enabled or total == 0:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
+
+        class RateColumn(ProgressColumn):
+            def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+                speed = task.finished_speed or task.speed
+                return Text(f"{speed:6.1f} img/s" if speed else "     - img/s", style="progress.data.speed")
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task(label, total=total, failed=0)
+        self.bar.start()
+
+    def advance(self, count: int, failed: bool = False) -> None:
+        if self.bar is None:
+            return
+        self.failed += count if failed else 0
+        self.bar.update(self.task, advance=count, failed=self.failed)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _file_keys_checksum(inputs: Inputs, indexes: range) -> str:
+    return keys_checksum([f"{index}\0{inputs.keys[index]}" for index in indexes])
+
+
+def _summary_name(spec: ShardSpec) -> str:
+    return "summary.json" if spec.count == 1 else f"summary-{spec.index}-of-{spec.count}.json"
+
+
+def embed(
+    input: str | os.PathLike,
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    engine: str | Any = "onnx",
+    provider: str = "auto",
+    precision: str = "fp32",
+    pool: str = "cls",
+    batch_size: int = 32,
+    workers: int = 2,
+    resize: str | None = None,
+    dtype: str = "float32",
+    l2_normalize: bool = False,
+    shard: str | None = None,
+    shard_size: int = 10000,
+    strict: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed every image of `input` into `out`; returns the summary (also written to out/summary*.json).
+
+    engine: a name ("onnx", "trt", "torch", "openvino") or an already created encoder engine object.
+    resize: "center" | "squash" | None (the bundle's). See the module docstring for everything else.
+    """
+    if pool not in POOLS:
+        raise MAEError(f"Unknown pooling {pool!r}", hint=f"use one of: {', '.join(POOLS)}")
+    if dtype not in DTYPES:
+        raise MAEError(f"Unknown dtype {dtype!r}", hint="use float32 or float16")
+    if batch_size < 1 or shard_size < 1 or workers < 0:
+        raise MAEError("batch_size and shard_size must be >= 1 and workers >= 0")
+    started = time.perf_counter()
+    model = str(model)
+    out_folder = OutputFolder(out)
+    inputs = list_inputs(input, exclude=out)
+    spec = shard_spec(shard)
+
+    if isinstance(engine, str):
+        from mae.runtime.engines import create_engine
+
+        engine_name = engine
+        runner = create_engine(engine, model, part="encoder", precision=precision, provider=provider, device="auto")
+    else:
+        runner, engine_name = engine, getattr(engine, "name", type(engine).__name__)
+    config = runner.config
+    pre = _preprocessing_for(model, runner)
+    resize = resize or pre.resize
+    params = {
+        "model_sha256": model_checksum(model, engine_name, precision),
+        "engine": "trt" if engine_name == "tensorrt" else engine_name,
+        "precision": precision,
+        "pool": pool,
+        "resize": resize,
+        "dtype": dtype,
+        "l2_normalize": bool(l2_normalize),
+        "shard_size": shard_size,
+        "preprocessing": pre.to_dict(),
+        "embedding_shape": embedding_shape(config, pool),
+        "inputs": len(inputs),
+        "inputs_sha256": inputs.fingerprint,
+    }
+    params_sha256 = params_checksum(params)
+    out_folder.claim(params)
+
+    my_files = output_files_for(len(inputs), shard_size, spec)
+    markers: dict[int, dict[str, Any]] = {}
+    pending: list[int] = []
+    for number in my_files:
+        marker = out_folder.is_done(
+            number, params_sha256, _file_keys_checksum(inputs, file_range(number, len(inputs), shard_size))
+        )
+        if marker is None:
+            pending.append(number)
+        else:
+            markers[number] = marker
+    pending_images = sum(len(file_range(number, len(inputs), shard_size)) for number in pending)
+
+    bar = _Progress(pending_images, progress, f"embed {spec.label}" if spec.count > 1 else "embed")
+    embedder = _Embedder(runner, inputs, pool, dtype, l2_normalize, batch_size, config, bar)
+    decoder = Decoder(workers) if pending else None
+    window: collections.deque[tuple[_FileState, bool, _Pending]] = collections.deque()
+    prefetch = max(2, 2 * workers)
+
+    def tasks():
+        for number in pending:
+            indexes = file_range(number, len(inputs), shard_size)
+            state = _FileState(number, indexes)
+            out_folder.clean_temporaries(number)
+            for start in range(indexes.start, indexes.stop, batch_size):
+                chunk = list(range(start, min(start + batch_size, indexes.stop)))
+                task = DecodeTask(chunk, [inputs.paths[i] for i in chunk], pre.to_dict(), resize)
+                yield state, chunk[-1] == indexes.stop - 1, task
+
+    try:
+        stream = tasks()
+        for state, last, task in stream:
+            window.append((state, last, decoder.submit(task)))
+            if len(window) >= prefetch:
+                break
+        while window:
+            state, last, handle = window.popleft()
+            waited = time.perf_counter()
+            chunk = decoder.result(handle)
+            embedder.stats.wait_seconds += time.perf_counter() - waited
+            embedder.stats.decode_seconds += chunk.seconds
+            next_task = next(stream, None)
+            if next_task is not None:
+                window.append((next_task[0], next_task[1], decoder.submit(next_task[2])))
+            embedder.add_chunk(state, chunk)
+            if last:
+                rows = embedder.finish(state)
+                writing = time.perf_counter()
+                indexes = state.indexes
+                markers[state.number] = out_folder.write_shard(
+                    state.number, rows, params_sha256, _file_keys_checksum(inputs, indexes), indexes
+                )
+                embedder.stats.write_seconds += time.perf_counter() - writing
+    finally:
+        bar.close()
+        if decoder is not None:
+            decoder.close()
+
+    summary = _summary(
+        inputs, spec, out_folder, my_files, markers, pending, embedder, decoder, runner, engine_name, model, params,
+        workers, batch_size, time.perf_counter() - started,
+    )  # fmt: skip
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out_folder.root / _summary_name(spec), lambda handle: handle.write(text.encode()))
+    failed = summary["counts"]["failed"]
+    if strict and failed:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in summary["counts"]["failed_by_reason"].items())
+        raise EmbedFailures(
+            f"{failed} of {summary['counts']['assigned']} inputs could not be embedded ({reasons}); "
+            f"the rest is written in {out_folder.root}.",
+            hint=f"see {out_folder.root / 'failures'}/*.parquet for each file and its error",
+            summary=summary,
+        )
+    return summary
+
+
+def _summary(
+    inputs: Inputs,
+    spec: ShardSpec,
+    out_folder: OutputFolder,
+    my_files: list[int],
+    markers: dict[int, dict[str, Any]],
+    written_now: list[int],
+    embedder: _Embedder,
+    decoder: Decoder | None,
+    runner: Any,
+    engine_name: str,
+    model: str,
+    params: dict[str, Any],
+    workers: int,
+    batch_size: int,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    stats = embedder.stats
+    failed_by_reason: dict[str, int] = {}
+    for marker in markers.values():
+        for reason, count in marker.get("failed_by_reason", {}).items():
+            failed_by_reason[reason] = failed_by_reason.get(reason, 0) + count
+    embedded = sum(marker["rows"] for marker in markers.values())
+    failed = sum(marker["failed"] for marker in markers.values())
+    processed = stats.embedded + stats.failed
+
+    def rate(count: int, seconds: float) -> float | None:
+        return round(count / seconds, 2) if seconds > 0 else None
+
+    return {
+        "format": SUMMARY_FORMAT,
+        "toolkit_version": __version__,
+        "worker": {"index": spec.index, "count": spec.count, "from": spec.origin},
+        "input": {
+            "source": str(inputs.source),
+            "kind": inputs.kind,
+            "count": len(inputs),
+            "skipped_without_image_extension": inputs.skipped,
+            "sha256": inputs.fingerprint,
+        },
+        "output": {
+            "folder": str(out_folder.root),
+            "files": len(my_files),
+            "written_now": len(written_now),
+            "resumed": len(my_files) - len(written_now),
+            "first_file": min(my_files) if my_files else None,
+            "last_file": max(my_files) if my_files else None,
+        },
+        "counts": {
+            "assigned": sum(marker["stop_index"] - marker["first_index"] for marker in markers.values()),
+            "embedded": embedded,
+            "failed": failed,
+            "failed_by_reason": dict(sorted(failed_by_reason.items())),
+        },
+        "this_run": {
+            "images": processed,
+            "embedded": stats.embedded,
+            "failed": stats.failed,
+            "wall_seconds": round(wall_seconds, 3),
+            "images_per_second": rate(processed, wall_seconds),
+        },
+        "stages": {
+            "decode": {
+                "workers": workers,
+                "worker_seconds": round(stats.decode_seconds, 3),
+                "images_per_worker_second": rate(processed, stats.decode_seconds),
+                "main_waited_seconds": round(stats.wait_seconds, 3),
+                "worker_restarts": decoder.restarts if decoder is not None else 0,
+            },
+            "inference": {
+                "seconds": round(stats.inference_seconds, 3),
+                "images_per_second": rate(stats.embedded, stats.inference_seconds),
+                "batches": stats.batches,
+                "batch_size": batch_size,
+                "padded_rows": stats.padded_rows,
+            },
+            "write": {"seconds": round(stats.write_seconds, 3)},
+        },
+        "engine": {
+            "name": engine_name,
+            "description": getattr(runner, "description", engine_name),
+            "precision": params["precision"],
+        },
+        "model": {"path": model, "sha256": params["model_sha256"]},
+        "embedding": {
+            "pool": params["pool"],
+            "dtype": params["dtype"],
+            "l2_normalize": params["l2_normalize"],
+            "shape": params["embedding_shape"],
+            "layout": "3-D [N, 1+L, D] per file (pool=tokens)"
+            if params["pool"] == "tokens"
+            else "2-D [N, D] per file, row-aligned with metadata/",
+        },
+        "preprocessing": {**params["preprocessing"], "resize": params["resize"]},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def run_embed(**options: Any) -> dict[str, Any]:
+    """`mae embed`: enums to strings, the run, then a short report on stdout."""
+    values = {name: getattr(value, "value", value) for name, value in options.items()}
+    if "input" in values:
+        values["input"] = str(values["input"])
+    try:
+        summary = embed(**values)
+    except EmbedFailures as exc:
+        _print_report(exc.summary)
+        raise
+    _print_report(summary)
+    return summary
+
+
+def _print_report(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts, this_run, stages = summary["counts"], summary["this_run"], summary["stages"]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    worker = summary["worker"]
+    if worker["count"] > 1:
+        table.add_row("worker", f"{worker['index']}/{worker['count']} (from {worker['from']})")
+    table.add_row("engine", summary["engine"]["description"])
+    embedding = summary["embedding"]
+    l2 = ", l2-normalized" if embedding["l2_normalize"] else ""
+    table.add_row("embedding", f"{embedding['pool']} {embedding['shape']} {embedding['dtype']}{l2}")
+    table.add_row(
+        "files", f"{summary['output']['files']} ({summary['output']['written_now']} written now, "
+        f"{summary['output']['resumed']} already done)",
+    )  # fmt: skip
+    table.add_row("images", f"{counts['embedded']} embedded, {counts['failed']} failed of {counts['assigned']}")
+    if counts["failed_by_reason"]:
+        table.add_row("failures", ", ".join(f"{n} {reason}" for reason, n in counts["failed_by_reason"].items()))
+    if this_run["images"]:
+        table.add_row(
+            "speed",
+            f"{this_run['images_per_second']} img/s overall; inference {stages['inference']['images_per_second']}"
+            f" img/s; decode {stages['decode']['images_per_worker_second']} img/s per worker",
+        )
+    table.add_row("output", summary["output"]["folder"])
+    console.print(table)
