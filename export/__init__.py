@@ -1,0 +1,128 @@
+"""mae.export: weights -> a verified ONNX bundle (+ TensorRT engines).
+
+Importing this package is cheap and torch-free: the runtime imports `mae.export.tensorrt` for its pure engine
+compatibility checks. The functions below import the exporter (and torch) when called.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mae.errors import MAEError
+
+if TYPE_CHECKING:
+    from mae.runtime.bundle import Bundle
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One row of the format table that drives option checks, aliases and file names."""
+
+    name: str
+    aliases: tuple[str, ...]
+    precisions: tuple[str, ...]
+    suffix: str  # of the files it writes
+    needs: str  # what it is built from
+
+
+EXPORT_FORMATS = (
+    ExportFormat("onnx", (), ("fp32", "fp16", "int8"), ".onnx", "weights (or a bundle, to add a precision)"),
+    ExportFormat("tensorrt", ("trt", "engine"), ("fp32", "fp16"), ".engine", "a bundle, or weights (exported first)"),
+)
+
+
+def resolve_format(name: str) -> ExportFormat:
+    name = str(getattr(name, "value", name)).lower()
+    for entry in EXPORT_FORMATS:
+        if name == entry.name or name in entry.aliases:
+            return entry
+    names = ", ".join(entry.name for entry in EXPORT_FORMATS)
+    raise MAEError(f"Unknown export format {name!r}", hint=f"use one of: {names} (trt is short for tensorrt)")
+
+
+def export_bundle(
+    weights: Any,
+    out_dir: str | os.PathLike,
+    precisions: Any = ("fp32",),
+    opset: int | None = None,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    verify: bool = True,
+    resize: str | None = None,
+    **options: Any,
+) -> Bundle:
+    """Export weights to a verified ONNX bundle; see `mae.export.onnx_bundle.export_bundle`."""
+    from mae.export.onnx_bundle import export_bundle as _export_bundle
+
+    return _export_bundle(weights, out_dir, precisions, opset, num_heads, decoder_num_heads, verify, resize, **options)
+
+
+def default_out_dir(weights: Path) -> Path:
+    """Where `mae export WEIGHTS` writes without --out: a bundle is extended in place, weights get a sibling."""
+    from mae.runtime.bundle import is_bundle
+
+    return weights if is_bundle(weights) else weights.parent / "bundle"
+
+
+def run_export(
+    weights: Path,
+    format: Any = "onnx",
+    out: Path | None = None,
+    precision: Any = "fp32",
+    opset: int | None = None,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    max_batch: int = 64,
+    opt_batch: int | None = None,
+    workspace: float = 4.0,
+    **_: Any,
+) -> Bundle:
+    """`mae export`: check the options against the format table, export, and print what was written."""
+    weights = Path(weights)
+    if not weights.exists():
+        raise MAEError(
+            f"{weights} does not exist.", hint="pass a checkpoint, an official MAE .pth, a HF ViTMAE dir or a bundle"
+        )
+    target = resolve_format(format)
+    precision = str(getattr(precision, "value", precision))
+    if precision not in target.precisions:
+        raise MAEError(
+            f"--format {target.name} does not take --precision {precision}.",
+            hint=f"{target.name} precisions: {', '.join(target.precisions)}",
+        )
+    out_dir = Path(out) if out is not None else default_out_dir(weights)
+
+    if target.name == "tensorrt":
+        from mae.export.tensorrt import run_tensorrt_export
+
+        return run_tensorrt_export(
+            weights,
+            out_dir,
+            precision=precision,
+            opset=opset,
+            num_heads=num_heads,
+            decoder_num_heads=decoder_num_heads,
+            max_batch=max_batch,
+            opt_batch=opt_batch,
+            workspace_gib=workspace,
+        )
+
+    from mae.export.info import print_export_summary
+
+    bundle = export_bundle(
+        weights,
+        out_dir,
+        precisions=(precision,),
+        opset=opset,
+        num_heads=num_heads,
+        decoder_num_heads=decoder_num_heads,
+        progress=True,
+    )
+    print_export_summary(bundle)
+    return bundle
+
+
+__all__ = ["EXPORT_FORMATS", "ExportFormat", "default_out_dir", "export_bundle", "resolve_format", "run_export"]

@@ -1,0 +1,370 @@
+"""Weights -> a verified ONNX bundle (encoder.onnx, decoder.onnx, precision variants, mae.json).
+
+Nothing half-written: a new bundle is assembled in a hidden directory beside the target and renamed into place
+only after every graph passed verification; adding a precision to an existing bundle stages the new files the same
+way, moves them in, and rewrites mae.json (atomically) last.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from mae import __version__
+from mae.config import MAEConfig
+from mae.errors import MAEError
+from mae.export.graphs import (
+    ATTENTION_OPSET,
+    DEFAULT_OPSET,
+    EXPORTER,
+    check_opset,
+    export_graph,
+    graph_opset,
+)
+from mae.export.metadata import graph_metadata, set_metadata
+from mae.export.precision import quantize_int8, to_fp16
+from mae.export.progress import Steps
+from mae.export.verify import TOLERANCES, TorchReference, external_data_path, graph_bytes, verify_graph
+from mae.model import MaskedAutoencoder
+from mae.runtime.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    PRECISIONS,
+    Bundle,
+    Preprocessing,
+    is_bundle,
+    sha256_file,
+)
+from mae.weights import LoadedWeights
+
+RESIZE_POLICIES = ("center", "squash")
+# Above this many bytes of weights a graph keeps them in "<file>.data" beside it: protobuf cannot hold 2 GiB.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def graph_file(part: str, precision: str) -> str:
+    """encoder.onnx, decoder.fp16.onnx, encoder.int8.onnx, ..."""
+    return f"{part}.onnx" if precision == "fp32" else f"{part}.{precision}.onnx"
+
+
+def precision_parts(precision: str, has_decoder: bool) -> tuple[str, ...]:
+    """The graphs a precision has: int8 quantizes the encoder only (the decoder's pixels gain nothing from it)."""
+    if precision == "int8" or not has_decoder:
+        return ("encoder",)
+    return ("encoder", "decoder")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _check_precisions(precisions: Any) -> list[str]:
+    if isinstance(precisions, str):
+        precisions = (precisions,)
+    wanted = []
+    for precision in precisions:
+        precision = str(getattr(precision, "value", precision))
+        if precision not in PRECISIONS:
+            raise MAEError(f"Unknown precision {precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
+        if precision not in wanted:
+            wanted.append(precision)
+    if not wanted:
+        raise MAEError("No precision asked for.", hint="use fp32, fp16 or int8")
+    return wanted
+
+
+def _model_for_export(model: MaskedAutoencoder) -> MaskedAutoencoder:
+    """An fp32 CPU eval-mode model: the caller's own when it already is one, otherwise a copy (never mutated)."""
+    parameter = next(model.parameters())
+    if model.training or parameter.dtype != torch.float32 or parameter.device.type != "cpu":
+        model = copy.deepcopy(model).float().cpu().eval()
+    return model
+
+
+def load_source(
+    weights: Any, num_heads: int | None = None, decoder_num_heads: int | None = None
+) -> tuple[MaskedAutoencoder, LoadedWeights]:
+    """`weights` as an (fp32 CPU eval model, LoadedWeights) pair: a path mae.weights reads, a bundle (its recorded
+    source), or an already-loaded pair."""
+    if isinstance(weights, tuple):
+        model, loaded = weights
+        if not isinstance(model, MaskedAutoencoder) or not isinstance(loaded, LoadedWeights):
+            raise MAEError("weights must be a path or a (MaskedAutoencoder, LoadedWeights) pair.")
+        return _model_for_export(model), loaded
+    from mae.weights import load_model
+
+    path = Path(weights)
+    if is_bundle(path):
+        path = bundle_source_path(Bundle.load(path))
+    model, loaded = load_model(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+    return _model_for_export(model), loaded
+
+
+def bundle_source_path(bundle: Bundle) -> Path:
+    """The weights file a bundle was exported from, or an error saying it is gone."""
+    source = (bundle.manifest.get("source") or {}).get("path")
+    path = Path(source) if source else None
+    if path is not None and not path.is_absolute():
+        path = bundle.path / path
+    if path is None or not path.exists():
+        raise MAEError(
+            f"Adding graphs to {bundle.path} needs the weights it was exported from, and they are not at "
+            f"{source or '(no source recorded)'}.",
+            hint="pass the weights file itself: mae export WEIGHTS --out BUNDLE --precision ...",
+        )
+    return path
+
+
+def _existing_bundle(out_dir: Path) -> Bundle | None:
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise MAEError(f"{out_dir} exists and is not a directory.", hint="choose another --out")
+    if is_bundle(out_dir):
+        return Bundle.load(out_dir)
+    if any(out_dir.iterdir()):
+        raise MAEError(
+            f"{out_dir} exists, is not empty and is not an mae bundle: refusing to write into it.",
+            hint="choose a new or empty --out directory",
+        )
+    return None
+
+
+def _check_same_source(bundle: Bundle, loaded: LoadedWeights, opset: int | None, resize: str | None) -> int:
+    """Adding to `bundle` is only sound from the same weights at the same opset and pre-processing."""
+    recorded = (bundle.manifest.get("source") or {}).get("sha256")
+    if recorded != loaded.sha256:
+        raise MAEError(
+            f"{bundle.path} was exported from other weights (sha256 {str(recorded)[:12]}..., these are "
+            f"{loaded.sha256[:12]}...): a bundle holds one model.",
+            hint="export these weights into a new --out directory",
+        )
+    if bundle.config != loaded.config:
+        raise MAEError(f"{bundle.path} records a different architecture than {loaded.path}.", hint="use a new --out")
+    bundle_opset = int(bundle.manifest.get("opset", DEFAULT_OPSET))
+    if opset is not None and int(opset) != bundle_opset:
+        raise MAEError(
+            f"{bundle.path} holds opset {bundle_opset} graphs; all graphs of a bundle share one opset.",
+            hint=f"leave --opset out (or pass {bundle_opset}), or export into a new --out directory",
+        )
+    if resize is not None and resize != bundle.preprocessing.resize:
+        raise MAEError(
+            f"{bundle.path} was exported with resize {bundle.preprocessing.resize!r}, not {resize!r}.",
+            hint="leave the resize policy out, or export into a new --out directory",
+        )
+    return bundle_opset
+
+
+# ------------------------------------------------------------------------------------------------ files
+def save_graph(proto: onnx.ModelProto, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
+    """Write a graph; weights go to `<file>.data` beside it when they are too large for one protobuf."""
+    weight_bytes = sum(len(tensor.raw_data) for tensor in proto.graph.initializer)
+    data_path = external_data_path(path)
+    data_path.unlink(missing_ok=True)  # external data is appended to, never overwritten
+    if weight_bytes > external_data_bytes:
+        onnx.save_model(
+            proto,
+            os.fspath(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_path.name,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(proto, os.fspath(path))
+
+
+def graph_entry(path: Path) -> dict[str, Any]:
+    """What mae.json records about one graph file (and its external data, if any)."""
+    entry: dict[str, Any] = {"file": path.name, "sha256": sha256_file(path), "bytes": graph_bytes(path)}
+    data_path = external_data_path(path)
+    if data_path.is_file():
+        entry["external_data"] = {"file": data_path.name, "sha256": sha256_file(data_path)}
+    return entry
+
+
+def _files_of(entry: dict[str, Any]) -> list[str]:
+    return [entry["file"]] + ([entry["external_data"]["file"]] if "external_data" in entry else [])
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_bundle(
+    weights: Any,
+    out_dir: str | os.PathLike,
+    precisions: Any = ("fp32",),
+    opset: int | None = None,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    verify: bool = True,
+    resize: str | None = None,
+    *,
+    progress: bool = False,
+    external_data_bytes: int = EXTERNAL_DATA_BYTES,
+) -> Bundle:
+    """Export `weights` into the bundle `out_dir` and return it.
+
+    weights: a path `mae.weights.load_weights` reads, a bundle (re-uses its recorded source weights), or a
+        (MaskedAutoencoder, LoadedWeights) pair.
+    precisions: any of "fp32", "fp16", "int8". A new bundle always gets fp32 (the others derive from it and the
+        runtime expects it); an existing bundle from the same weights gets the asked-for precisions added.
+    opset: ONNX opset (default 18; see docs/export.md). resize: "center" or "squash" pre-processing policy
+        recorded in the bundle (default: "center", or the existing bundle's).
+    verify: check every graph against PyTorch on real photos (module `mae.export.verify`) before writing.
+    Encoder-only weights give an encoder-only bundle.
+    """
+    wanted = _check_precisions(precisions)
+    if resize is not None and resize not in RESIZE_POLICIES:
+        raise MAEError(f"Unknown resize policy {resize!r}", hint=f"use one of: {', '.join(RESIZE_POLICIES)}")
+    out_dir = Path(out_dir)
+    steps = Steps(enabled=progress)
+    existing = _existing_bundle(out_dir)
+
+    with steps.step("loading weights"):
+        model, loaded = load_source(weights, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+    config: MAEConfig = model.cfg
+    if existing is not None:
+        opset = _check_same_source(existing, loaded, opset, resize)
+        preprocessing = existing.preprocessing
+        if "fp32" not in existing.precisions:
+            wanted = ["fp32", *[p for p in wanted if p != "fp32"]]
+    else:
+        opset = check_opset(opset)
+        preprocessing = Preprocessing(size=config.img_size, resize=resize or "center")
+        if "fp32" not in wanted:
+            wanted.insert(0, "fp32")
+    if opset >= ATTENTION_OPSET:
+        steps.note(f"opset {opset}: attention becomes the ONNX Attention op, which TensorRT 10 cannot parse.")
+    if not model.has_decoder:
+        steps.note("These weights have no decoder: exporting the encoder alone (embeddings yes, reconstruction no).")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    try:
+        graphs, reports = _export_precisions(
+            model, loaded, wanted, opset, preprocessing, staging, existing, verify, steps, external_data_bytes
+        )
+        if existing is None:
+            bundle = Bundle(staging, config, preprocessing, _new_manifest(loaded, opset, model.has_decoder))
+        else:
+            bundle = existing
+        manifest = bundle.manifest
+        for precision in wanted:
+            manifest.setdefault("graphs", {})[precision] = graphs[precision]
+            manifest.setdefault("verification", {})[precision] = reports[precision]
+        # Keep the manifest's precisions in their canonical order.
+        manifest["graphs"] = {p: manifest["graphs"][p] for p in PRECISIONS if p in manifest["graphs"]}
+        manifest["verification"] = {p: manifest["verification"][p] for p in PRECISIONS if p in manifest["verification"]}
+        if existing is None:
+            bundle.save()
+            os.replace(staging, out_dir)  # also replaces an empty directory
+        else:
+            for precision in wanted:
+                for entry in graphs[precision].values():
+                    for name in _files_of(entry):
+                        os.replace(staging / name, out_dir / name)
+            bundle.save()  # last: until here the old manifest describes the old, untouched files
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bundle.load(out_dir)
+
+
+def _new_manifest(loaded: LoadedWeights, opset: int, has_decoder: bool) -> dict[str, Any]:
+    import onnxruntime
+
+    notes = list(loaded.notes)
+    if not has_decoder:
+        notes.append("encoder-only weights: this bundle has no decoder (embeddings only, no reconstruction)")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "toolkit_version": __version__,
+        "norm_pix_loss": loaded.config.norm_pix_loss,
+        "norm_pix_loss_known": loaded.norm_pix_loss_known,
+        "source": {"path": str(loaded.path.resolve()), "format": loaded.source_format, "sha256": loaded.sha256},
+        "opset": opset,
+        "exporter": EXPORTER,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "notes": notes,
+    }
+
+
+def _export_precisions(
+    model: MaskedAutoencoder,
+    loaded: LoadedWeights,
+    wanted: list[str],
+    opset: int,
+    preprocessing: Preprocessing,
+    staging: Path,
+    existing: Bundle | None,
+    verify: bool,
+    steps: Steps,
+    external_data_bytes: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Write and verify each precision's graphs into `staging`; return their mae.json entries and reports."""
+    config = model.cfg
+    reference = TorchReference(model, preprocessing) if verify else None
+
+    def metadata(part: str, precision: str) -> dict[str, str]:
+        return graph_metadata(
+            part, config, preprocessing, precision, opset, EXPORTER, loaded.sha256, loaded.source_format
+        )
+
+    def fp32_path(part: str) -> Path:
+        """The fp32 graph the variants derive from: just exported, or the existing bundle's."""
+        fresh = staging / graph_file(part, "fp32")
+        return fresh if fresh.is_file() or existing is None else existing.graph(part, "fp32")
+
+    graphs: dict[str, dict[str, Any]] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for precision in wanted:
+        graphs[precision], reports[precision] = {}, {}
+        for part in precision_parts(precision, model.has_decoder):
+            path = staging / graph_file(part, precision)
+            started = time.perf_counter()
+            with steps.step(f"exporting {precision} {part} -> {path.name}"):
+                if precision == "fp32":
+                    proto = export_graph(model, part, opset)
+                elif precision == "fp16":
+                    proto = to_fp16(onnx.load(os.fspath(fp32_path(part))))
+                else:
+                    quantize_int8(fp32_path(part), path)
+                    proto = onnx.load(os.fspath(path))
+                if graph_opset(proto) != opset:
+                    raise MAEError(f"The {part} graph came out at opset {graph_opset(proto)}, not {opset}.")
+                set_metadata(proto, metadata(part, precision))
+                save_graph(proto, path, external_data_bytes)
+                del proto
+            seconds = time.perf_counter() - started
+            if reference is None:
+                report: dict[str, Any] = {"file": path.name, "bytes": graph_bytes(path), "verified": False}
+            else:
+                with steps.step(f"verifying {path.name} against PyTorch ({TOLERANCES[precision].describe()})"):
+                    report = verify_graph(path, part, precision, reference)
+                report["verified"] = True
+                steps.note(_one_line(precision, part, report))
+            report["export_seconds"] = round(seconds, 3)
+            graphs[precision][part] = graph_entry(path)
+            reports[precision][part] = report
+        if reference is not None:
+            reports[precision]["inputs"] = {
+                "images": reference.image_names,
+                "mask_ratios": sorted({case.mask_ratio for case in reference.cases}),
+                "batch_sizes": sorted({case.batch for case in reference.cases}),
+            }
+    return graphs, reports
+
+
+def _one_line(precision: str, part: str, report: dict[str, Any]) -> str:
+    text = f"  {precision} {part}: max |diff| {report['max_abs_diff']:.2e}"
+    if "cosine_cls" in report:
+        text += f", cosine cls {report['cosine_cls']:.6f}, mean {report['cosine_mean']:.6f}"
+    if "cosine_pred" in report:
+        text += f", cosine pred {report['cosine_pred']:.6f}"
+    return text

@@ -1,0 +1,289 @@
+"""Every exported graph is checked before it joins a bundle, as optimum validates its exports.
+
+Order: `onnx.checker.check_model(full_check=True)`, then the graph's input and output names, then output shapes,
+then values against the fp32 PyTorch model on real photos (scikit-image's astronaut, chelsea, coffee, rocket,
+resized with the bundle's own pre-processing) at mask ratios 0 and 0.75 and batch sizes 1 and 3. Masks are random
+(seeded), so mask ratio 0 also checks a shuffled token order. The decoder gets the PyTorch latent of the same case,
+so its check does not inherit the encoder's error.
+
+Tolerances per precision (see `TOLERANCES`): fp32 must match PyTorch to 1e-4 absolute; fp16 and int8 are judged by
+the cosine of pooled features (cls and patch mean; the decoder's: the whole prediction per image) and fp16 also by
+a bound on the absolute difference relative to the output's scale.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from mae.errors import MAEError
+from mae.export.graphs import GRAPH_IO
+from mae.model import MaskedAutoencoder
+from mae.runtime.bundle import Preprocessing
+from mae.runtime.masking import masking_from_noise, random_noise
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+MASK_RATIOS = (0.0, 0.75)
+BATCH_SIZES = (1, 3)
+MASK_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs: float | None = None  # absolute bound on |onnx - torch|
+    max_rel: float | None = None  # bound on max |onnx - torch| / max |torch| (scale-free, for reduced precision)
+    min_cosine: float | None = None  # bound on the per-image cosine of pooled features (decoder: of pred)
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_abs is not None:
+            parts.append(f"max |diff| <= {self.max_abs:g}")
+        if self.max_rel is not None:
+            parts.append(f"max |diff| <= {self.max_rel:g} x max |output|")
+        if self.min_cosine is not None:
+            parts.append(f"cosine >= {self.min_cosine:g}")
+        return ", ".join(parts)
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs=1e-4),
+    # fp16 keeps LayerNorm and softmax in fp32; what is left is fp16 rounding of weights and activations
+    # (~5e-4 relative per op), which accumulates over the blocks.
+    "fp16": Tolerance(max_rel=2e-2, min_cosine=0.999),
+    # int8 dynamic quantization moves single values a lot; what matters for embeddings is the direction.
+    "int8": Tolerance(min_cosine=0.99),
+}
+
+
+class VerificationError(MAEError):
+    """An exported graph does not match PyTorch (or is not a valid graph). Nothing is written."""
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def reference_photos() -> tuple[list[str], list[np.ndarray]]:
+    """Real photos (uint8 [H, W, 3]); synthetic scenes when scikit-image is not installed."""
+    try:
+        from skimage import data
+    except ImportError:
+        return _synthetic_photos()
+    names = [name for name in PHOTOS if hasattr(data, name)]
+    return [f"skimage.data.{name}" for name in names], [np.ascontiguousarray(getattr(data, name)()) for name in names]
+
+
+def _synthetic_photos(count: int = len(PHOTOS), size: int = 320) -> tuple[list[str], list[np.ndarray]]:
+    """Smooth colour gradients with edges and a little noise: image-like statistics without any download."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    photos = []
+    for index in range(count):
+        angle = index * math.pi / count
+        ramp = np.cos(angle) * xx + np.sin(angle) * yy
+        disc = ((xx - 0.3 - 0.1 * index) ** 2 + (yy - 0.5) ** 2 < 0.04).astype(np.float32)
+        channels = [np.clip(ramp * (0.5 + 0.2 * c) + disc * (0.6 - 0.2 * c), 0, 1) for c in range(3)]
+        picture = np.stack(channels, axis=-1) + rng.normal(0, 0.03, (size, size, 3)).astype(np.float32)
+        photos.append((np.clip(picture, 0, 1) * 255).astype(np.uint8))
+    return [f"synthetic_{i}" for i in range(count)], photos
+
+
+def reference_pixels(preprocessing: Preprocessing) -> tuple[list[str], np.ndarray]:
+    """The reference photos through the bundle's pre-processing: float32 [N, 3, S, S]."""
+    from mae.runtime.preprocess import preprocess_image
+
+    names, photos = reference_photos()
+    return names, np.stack([preprocess_image(photo, preprocessing) for photo in photos])
+
+
+@dataclass(frozen=True)
+class Case:
+    mask_ratio: float
+    images: tuple[int, ...]  # indices into the reference photos
+    ids_keep: np.ndarray  # [B, K] int64
+    ids_restore: np.ndarray  # [B, L] int64
+
+    @property
+    def batch(self) -> int:
+        return len(self.images)
+
+    @property
+    def kept(self) -> int:
+        return int(self.ids_keep.shape[1])
+
+
+def verification_cases(num_patches: int, num_images: int) -> list[Case]:
+    """Batch 1 takes the first photo, batch 3 the next three (wrapping), at each mask ratio."""
+    cases = []
+    for ratio in MASK_RATIOS:
+        start = 0
+        for batch in BATCH_SIZES:
+            images = tuple((start + i) % num_images for i in range(batch))
+            start += batch
+            noise = random_noise(batch, num_patches, seed=MASK_SEED + batch)
+            masking = masking_from_noise(noise, ratio)
+            cases.append(Case(ratio, images, masking.ids_keep, masking.ids_restore))
+    return cases
+
+
+class TorchReference:
+    """fp32 PyTorch outputs for every case, computed once and shared by the checks of all precisions."""
+
+    def __init__(self, model: MaskedAutoencoder, preprocessing: Preprocessing) -> None:
+        self.model = model
+        self.image_names, self.pixels = reference_pixels(preprocessing)
+        self.cases = verification_cases(model.cfg.num_patches, len(self.image_names))
+        self._outputs: dict[tuple[str, int], tuple[dict[str, np.ndarray], np.ndarray]] = {}
+
+    def inputs(self, part: str, index: int) -> dict[str, np.ndarray]:
+        case = self.cases[index]
+        if part == "encoder":
+            return {"pixel_values": self.pixels[list(case.images)], "ids_keep": case.ids_keep}
+        latent = self.expected("encoder", index)  # the decoder is checked on the reference latent
+        return {"latent": latent, "ids_restore": case.ids_restore}
+
+    def expected(self, part: str, index: int) -> np.ndarray:
+        key = (part, index)
+        if key not in self._outputs:
+            feeds = self.inputs(part, index)
+            tensors = [torch.from_numpy(np.ascontiguousarray(array)) for array in feeds.values()]
+            with torch.inference_mode():
+                if part == "encoder":
+                    output = self.model.forward_encoder(*tensors)  # [B, 1+K, D]
+                else:
+                    output = self.model.forward_decoder(*tensors)  # [B, L, p*p*3]
+            self._outputs[key] = (feeds, output.float().numpy())
+        return self._outputs[key][1]
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_graph_file(path: Path) -> None:
+    """onnx's full check (structure, types, strict shape inference); reads external data beside the file."""
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except Exception as exc:  # onnx raises ValidationError, InferenceError or protobuf errors
+        raise VerificationError(f"{path.name} is not a valid ONNX graph: {exc}", hint="this is an export bug") from exc
+
+
+def _cosines(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two [N, F] arrays, in float64."""
+    reference = reference.astype(np.float64)
+    actual = actual.astype(np.float64)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(actual, axis=1)
+    return (reference * actual).sum(axis=1) / np.maximum(norms, 1e-30)
+
+
+def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
+    from mae.errors import require
+
+    ort = require("onnxruntime", "cpu", "Verifying an export")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # our own report says what went wrong
+    try:
+        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise VerificationError(f"ONNX Runtime cannot load {path.name}: {exc}", hint="this is an export bug") from exc
+
+
+def verify_graph(path: Path, part: str, precision: str, reference: TorchReference) -> dict[str, Any]:
+    """Check one graph file against PyTorch; return its report, or raise VerificationError naming the worst case."""
+    tolerance = TOLERANCES[precision]
+    check_graph_file(path)
+    session = _session(path)
+
+    input_names, output_names = GRAPH_IO[part]
+    got_inputs = [value.name for value in session.get_inputs()]
+    got_outputs = [value.name for value in session.get_outputs()]
+    if sorted(got_inputs) != sorted(input_names) or got_outputs != list(output_names):
+        raise VerificationError(
+            f"{path.name} has inputs {got_inputs} and outputs {got_outputs}; the {part} contract is "
+            f"{list(input_names)} -> {list(output_names)}."
+        )
+
+    cases = []
+    worst_abs = worst_rel = 0.0
+    worst_case: dict[str, Any] = {}
+    cosine_cls = cosine_mean = cosine_pred = 1.0
+    for index, case in enumerate(reference.cases):
+        expected = reference.expected(part, index)
+        feeds = reference.inputs(part, index)
+        (actual,) = session.run(list(output_names), feeds)
+        actual = np.asarray(actual)
+        if actual.shape != expected.shape:
+            raise VerificationError(
+                f"{path.name} returned {output_names[0]} of shape {list(actual.shape)} for batch {case.batch} and "
+                f"{case.kept} kept tokens; PyTorch gives {list(expected.shape)}."
+            )
+        if actual.dtype != np.float32:
+            raise VerificationError(f"{path.name} returned {actual.dtype} {output_names[0]}; the contract is float32.")
+        difference = float(np.abs(actual.astype(np.float64) - expected).max())
+        relative = difference / max(float(np.abs(expected).max()), 1e-30)
+        entry: dict[str, Any] = {
+            "mask_ratio": case.mask_ratio,
+            "batch": case.batch,
+            "kept": case.kept,
+            "max_abs_diff": difference,
+            "max_rel_diff": relative,
+        }
+        if not np.isfinite(actual).all():
+            difference = relative = math.inf
+            entry.update(max_abs_diff=math.inf, max_rel_diff=math.inf, non_finite=True)
+        if part == "encoder":
+            cls = float(_cosines(expected[:, 0], actual[:, 0]).min())
+            mean = float(_cosines(expected[:, 1:].mean(axis=1), actual[:, 1:].mean(axis=1)).min())
+            entry.update(cosine_cls=cls, cosine_mean=mean)
+            cosine_cls, cosine_mean = min(cosine_cls, cls), min(cosine_mean, mean)
+        else:
+            flat = float(_cosines(expected.reshape(case.batch, -1), actual.reshape(case.batch, -1)).min())
+            entry.update(cosine_pred=flat)
+            cosine_pred = min(cosine_pred, flat)
+        cases.append(entry)
+        if difference >= worst_abs:
+            worst_abs, worst_case = difference, entry
+        worst_rel = max(worst_rel, relative)
+
+    report: dict[str, Any] = {
+        "file": path.name,
+        "bytes": graph_bytes(path),
+        "max_abs_diff": worst_abs,
+        "max_rel_diff": worst_rel,
+        "tolerance": {k: v for k, v in asdict(tolerance).items() if v is not None},
+        "cases": cases,
+    }
+    if part == "encoder":
+        report.update(cosine_cls=cosine_cls, cosine_mean=cosine_mean)
+        worst_cosine = min(cosine_cls, cosine_mean)
+    else:
+        report.update(cosine_pred=cosine_pred)
+        worst_cosine = cosine_pred
+
+    failures = []
+    if tolerance.max_abs is not None and not worst_abs <= tolerance.max_abs:
+        failures.append(f"largest |difference| {worst_abs:.3g} > {tolerance.max_abs:g}")
+    if tolerance.max_rel is not None and not worst_rel <= tolerance.max_rel:
+        failures.append(f"largest |difference| / max |output| {worst_rel:.3g} > {tolerance.max_rel:g}")
+    if tolerance.min_cosine is not None and not worst_cosine >= tolerance.min_cosine:
+        what = "pooled-feature" if part == "encoder" else "prediction"
+        failures.append(f"lowest {what} cosine {worst_cosine:.6f} < {tolerance.min_cosine:g}")
+    report["passed"] = not failures
+    if failures:
+        where = f"mask ratio {worst_case.get('mask_ratio')}, batch {worst_case.get('batch')}"
+        raise VerificationError(
+            f"The {precision} {part} ({path.name}) does not match PyTorch: {'; '.join(failures)} (worst at {where}).",
+            hint="nothing was written; for int8/fp16 the weights may not suit this precision, export fp32 instead",
+        )
+    return report
+
+
+def graph_bytes(path: Path) -> int:
+    """Size of a graph file plus its external-data file, if any."""
+    data = external_data_path(path)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def external_data_path(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
