@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -158,8 +159,9 @@ class Decoder:
     again one image per task, so only the file that kills a process is recorded as failed ("decoder_crashed").
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, function: Callable[[DecodeTask], DecodedChunk] = decode_chunk) -> None:
         self.workers = workers
+        self.function = function  # module-level, so that spawned processes can import it
         self.generation = 0
         self.restarts = 0
         self.executor: ProcessPoolExecutor | None = None
@@ -185,14 +187,14 @@ class Decoder:
         if self.executor is None:
             return _Pending(task, None, self.generation)
         try:
-            return _Pending(task, self.executor.submit(decode_chunk, task), self.generation)
+            return _Pending(task, self.executor.submit(self.function, task), self.generation)
         except BrokenProcessPool:
             self._restart()
-            return _Pending(task, self.executor.submit(decode_chunk, task), self.generation)
+            return _Pending(task, self.executor.submit(self.function, task), self.generation)
 
     def result(self, pending: _Pending) -> DecodedChunk:
         if pending.future is None:
-            return decode_chunk(pending.task)
+            return self.function(pending.task)
         try:
             return pending.future.result()
         except BrokenProcessPool:
@@ -205,7 +207,7 @@ class Decoder:
         for index, path in zip(task.indexes, task.paths, strict=True):
             single = DecodeTask([index], [path], task.preprocessing, task.resize)
             try:
-                parts.append(self.executor.submit(decode_chunk, single).result())
+                parts.append(self.executor.submit(self.function, single).result())
             except BrokenProcessPool:
                 self._restart()
                 message = f"{path}: the decoding process died on this file"

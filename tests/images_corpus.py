@@ -167,3 +167,35 @@ def write_corpus(folder: Path) -> dict[str, Case]:
         (folder / name).write_bytes(data)
         corpus[name] = case
     return corpus
+
+
+# ---------------------------------------------------------------------------------------------- embed tests
+def tiny_model_files(base: Path) -> tuple[Path, Path]:
+    """(checkpoint, ONNX bundle) of a seeded mae_vit_test_patch8, made once per test session under `base`."""
+    checkpoint = base / "tiny_mae" / "checkpoint.pt"
+    bundle = base / "tiny_mae" / "bundle"
+    if not (bundle / "mae.json").is_file():
+        import torch
+
+        from mae.checkpoint import save_checkpoint
+        from mae.config import get_preset
+        from mae.export import export_bundle
+        from mae.model import MaskedAutoencoder
+
+        torch.manual_seed(0)
+        config = get_preset("mae_vit_test_patch8")
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(checkpoint, MaskedAutoencoder(config).state_dict(), config)
+        export_bundle(checkpoint, bundle, verify=False)
+    return checkpoint, bundle
+
+
+def decode_or_crash(task):  # noqa: ANN001, ANN201 - DecodeTask -> DecodedChunk
+    """A decoder whose process dies on files named *crash*: stands in for a codec that segfaults."""
+    import os
+
+    from mae.runtime.embed_worker import decode_chunk
+
+    if any("crash" in Path(path).name for path in task.paths):
+        os._exit(3)
+    return decode_chunk(task)
