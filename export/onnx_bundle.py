@@ -40,6 +40,7 @@ from mae.runtime.bundle import (
     PRECISIONS,
     Bundle,
     Preprocessing,
+    current_umask,
     is_bundle,
     sha256_file,
 )
@@ -245,6 +246,7 @@ def export_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; the bundle is an ordinary directory
         graphs, reports = _export_precisions(
             model, loaded, wanted, opset, preprocessing, staging, existing, verify, steps, external_data_bytes
         )
