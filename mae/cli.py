@@ -110,9 +110,10 @@ def train(
 
     Multi-GPU / multi-node: torchrun --nproc_per_node N -m mae.cli train ... (rank 0 writes).
     """
+    options = dict(locals())  # before the import below adds names to locals()
     from mae.train import TrainOptions, run_training
 
-    run_training(TrainOptions(**locals()))
+    run_training(TrainOptions(**options))
 
 
 # -------------------------------------------------------------------------------------------------- export

@@ -466,7 +466,6 @@ class _Trainer:
         if self.is_main:
             records = _read_log(self.log_path, upto_step=self.step)
             self.history = [r for r in records if r.get("event") == "step" and r.get("loss") is not None]
-            _json_line(self.log_path, {"event": "resumed", "step": self.step, "epoch": self._epoch_float()})
 
     def _write_run_file(self) -> None:
         record = {
@@ -591,6 +590,8 @@ class _Trainer:
             self.console.print(f"The run in {self.out} has already done its {opts.epochs} epochs.")
             return self._result("already_complete", session_images, time.monotonic() - started, [], [])
         self._announce()
+        if self.opts.resume and self.is_main:
+            _json_line(self.log_path, {"event": "resumed", "step": self.step, "epoch": self._epoch_float()})
         last_checkpoint = time.monotonic()
         interval_images, interval_start = 0, time.monotonic()
         progress = self._progress()
@@ -681,6 +682,11 @@ class _Trainer:
                 self.skipped[sample.path] = sample.reason
                 if self.is_main:
                     self.console.print(f"[yellow]skipped[/] {sample.message}")
+                    self._log_skipped(sample.path)
+
+    def _log_skipped(self, path: str) -> None:
+        record = {"event": "skipped_file", "step": self.step, "path": path, "reason": self.skipped[path]}
+        _json_line(self.log_path, record)
 
     def _log_step(self, loss: float | None, lr: float, images_per_s: float) -> None:
         if not self.is_main:
@@ -719,9 +725,8 @@ class _Trainer:
         self._save()
         epoch_path = preview = None
         if self.is_main:
-            for path in sorted(set(self.skipped) - before):
-                record = {"event": "skipped_file", "step": self.step, "path": path, "reason": self.skipped[path]}
-                _json_line(self.log_path, record)
+            for path in sorted(set(self.skipped) - before):  # files only other ranks met
+                self._log_skipped(path)
             if self.epoch % opts.save_every == 0 or self.epoch == opts.epochs:
                 epoch_path = self.out / f"checkpoint-{self.epoch}.pt"
                 _copy_atomic(self.checkpoint_path, epoch_path)
