@@ -68,7 +68,8 @@ class OpenVINOEngine:
         self.config = self.bundle.config
         self.graph_path = self.bundle.graph(part, precision)
         self.core = ov.Core()
-        self.device = device.upper()
+        # "auto" / "cpu" as the other engines spell them; OpenVINO names such as "GPU" pass through.
+        self.device = "CPU" if device.lower() in ("auto", "cpu") else device.upper()
         if self.device not in self.core.available_devices:
             raise MAEError(
                 f"OpenVINO has no device {device!r} here (it has: {', '.join(self.core.available_devices)}).",
