@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -143,6 +144,17 @@ def _ignore_sigint_then_init(max_image_pixels: int | None) -> None:
     # Ctrl-C goes to the whole process group: the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     init_worker(max_image_pixels)
+    # A main process killed with SIGKILL cannot stop its workers, and they would wait for work forever (each holds
+    # both ends of the task queue, so they never see it close): leave as soon as the parent is gone.
+    parent = os.getppid()
+
+    def exit_when_orphaned() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, name="exit-when-orphaned", daemon=True).start()
 
 
 @dataclass
@@ -514,6 +526,7 @@ def embed(
             pending.append(number)
         else:
             markers[number] = marker
+    out_folder.clean_temporaries(my_files)
     pending_images = sum(len(file_range(number, len(inputs), shard_size)) for number in pending)
 
     bar = _Progress(pending_images, progress, f"embed {spec.label}" if spec.count > 1 else "embed")
@@ -526,7 +539,6 @@ def embed(
         for number in pending:
             indexes = file_range(number, len(inputs), shard_size)
             state = _FileState(number, indexes)
-            out_folder.clean_temporaries(number)
             for start in range(indexes.start, indexes.stop, batch_size):
                 chunk = list(range(start, min(start + batch_size, indexes.stop)))
                 task = DecodeTask(chunk, [inputs.paths[i] for i in chunk], pre.to_dict(), resize)

@@ -160,13 +160,24 @@ class OutputFolder:
         )
 
     # ---------------------------------------------------------------------------------------------- shards
-    def clean_temporaries(self, number: int) -> None:
-        """Remove temporary files a killed run left for shard `number` (only ours: other workers own theirs)."""
+    def clean_temporaries(self, numbers: list[int]) -> int:
+        """Remove temporary files a killed run left for the shards `numbers` (other workers own the rest).
+
+        Each folder is listed once. Returns how many were removed.
+        """
+        wanted = {shard_name(number) for number in numbers}
+        removed = 0
         for folder in FOLDERS:
-            final = self.path(folder, number)
-            if final.parent.is_dir():
-                for stale in final.parent.glob(f".{final.name}.*.tmp"):
-                    stale.unlink(missing_ok=True)
+            directory = self.root / folder
+            if not directory.is_dir():
+                continue
+            for entry in os.scandir(directory):
+                # atomic_write's temporaries: ".NNNNN.<suffix>.<random>.tmp"
+                name = entry.name
+                if name.startswith(".") and name.endswith(".tmp") and name[1:].split(".")[0] in wanted:
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def is_done(self, number: int, params_sha256: str, keys_sha256: str) -> dict[str, Any] | None:
         """The done marker of shard `number` if it is complete and belongs to this run, else None."""
