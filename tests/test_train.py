@@ -242,7 +242,10 @@ def test_max_minutes_stops_after_a_step_with_a_resumable_checkpoint(clean_folder
 
 
 # ------------------------------------------------------------------------------------------------ failures
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clean_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_minutes, last_good_step", [(10.0, 6), (0.0, 8)], ids=["epoch-end", "every-step"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    clean_folder, tmp_path, monkeypatch, checkpoint_minutes, last_good_step
+):
     real_loss = MaskedAutoencoder.forward_loss
     calls = {"count": 0}
 
@@ -254,12 +257,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clean_folder, 
     monkeypatch.setattr(MaskedAutoencoder, "forward_loss", loss_turning_nan)
     out = tmp_path / "run"
     with pytest.raises(MAEError, match=r"loss became nan .* last good checkpoint") as excinfo:
-        run_training(options(clean_folder, out, epochs=3))
+        run_training(options(clean_folder, out, epochs=3, checkpoint_minutes=checkpoint_minutes))
     assert "epoch 1" in str(excinfo.value)
     payload = load_checkpoint(out / "checkpoint.pt")
-    assert payload["epoch"] == 1 and payload["position"]["step"] == 6
+    assert payload["epoch"] == 1 and payload["position"]["step"] == last_good_step
     assert all(torch.isfinite(t).all() for t in payload["model"].values())
     assert log_records(out)[-1] == {"event": "stopped", "reason": "non_finite_loss", "step": 8}
+
+
+def test_first_interrupt_finishes_the_step_and_checkpoints(clean_folder, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real_loss = MaskedAutoencoder.forward_loss
+    calls = {"count": 0}
+
+    def loss_then_ctrl_c(self, images, pred, mask):
+        calls["count"] += self.training
+        if calls["count"] == 4:  # during batch 4 of epoch 1, with accum_iter 2: the stop comes after step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(self, images, pred, mask)
+
+    monkeypatch.setattr(MaskedAutoencoder, "forward_loss", loss_then_ctrl_c)
+    out = tmp_path / "run"
+    result = run_training(options(clean_folder, out, accum_iter=2))
+    assert result.stopped == "interrupted" and result.global_step == 2
+    assert load_checkpoint(out / "checkpoint.pt")["position"] == {"epoch": 0, "batch": 4, "step": 2, "images_seen": 8}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.undo()
+    assert run_training(options(clean_folder, out, accum_iter=2, resume=True)).stopped == "completed"
 
 
 def test_folder_without_images_is_a_clear_error(tmp_path):
