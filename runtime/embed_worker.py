@@ -5,6 +5,7 @@ Kept apart from `embed.py` so that a spawned worker imports only numpy, Pillow a
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,11 @@ class DecodedChunk:
 def init_worker(max_image_pixels: int | None) -> None:
     """Workers inherit the caller's decompression-bomb limit (a spawned process would start from Pillow's)."""
     Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def ready() -> int:
+    """A no-op task: unpickling it imports this module (numpy, Pillow) in a fresh worker."""
+    return os.getpid()
 
 
 def decode_chunk(task: DecodeTask) -> DecodedChunk:
