@@ -19,6 +19,7 @@ SMOOTH_COLOUR = (31, 90, 180)
 LR_COLOUR = (200, 100, 30)
 GRID_COLOUR = (225, 225, 225)
 AXIS_COLOUR = (60, 60, 60)
+MAX_POINTS = 4000  # points drawn per line at most
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -107,7 +108,8 @@ def _draw_axes(draw, axes: _Axes, x_ticks, y_ticks, font, label: str) -> None:
 
 
 def _polyline(draw, axes: _Axes, xs, ys, colour, width: int) -> None:
-    points = [axes.point(x, y) for x, y in zip(xs, ys, strict=True)]
+    stride = max(1, len(xs) // MAX_POINTS)  # a long run has more points than the picture has pixels
+    points = [axes.point(x, y) for x, y in zip(xs[::stride], ys[::stride], strict=True)]
     if len(points) == 1:
         x, y = points[0]
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)

@@ -376,7 +376,7 @@ class _Trainer:
                 **{k: v for k, v in (("img_size", opts.img_size), ("patch_size", opts.patch_size)) if v is not None},
                 **overrides,
             )
-            self._check_same_run(config, wanted, run, payload)
+            self._check_same_run(config, wanted, run)
             return config, preset, payload["model"], []
         if opts.init is not None:
             from mae.weights import load_weights, resize_weights
@@ -403,7 +403,7 @@ class _Trainer:
         config = get_preset(preset, img_size=opts.img_size, patch_size=opts.patch_size).replace(**overrides)
         return config, preset, None, []
 
-    def _check_same_run(self, config: MAEConfig, wanted: MAEConfig, run: dict[str, Any], payload) -> None:
+    def _check_same_run(self, config: MAEConfig, wanted: MAEConfig, run: dict[str, Any]) -> None:
         opts = self.opts
         differences = [
             f"{name}: the run has {value!r}, now {getattr(wanted, name)!r}"
@@ -462,7 +462,6 @@ class _Trainer:
                 f"[yellow]note:[/] the data folder now has {self.num_images} images, the run started with "
                 f"{data['num_images']}: the resumed run does not see the data an uninterrupted one would"
             )
-        barrier(self.dist)  # everyone has read the checkpoint before rank 0 rewrites the log
         if self.is_main:
             records = _read_log(self.log_path, upto_step=self.step)
             self.history = [r for r in records if r.get("event") == "step" and r.get("loss") is not None]
@@ -649,7 +648,7 @@ class _Trainer:
                         if self.batch < self.steps_per_epoch:  # mid-epoch: checkpoint this position and leave
                             self._save()
                             break
-                    elif now - last_checkpoint >= opts.checkpoint_minutes * 60:
+                    elif self.batch < self.steps_per_epoch and now - last_checkpoint >= opts.checkpoint_minutes * 60:
                         self._save()
                         last_checkpoint = time.monotonic()
                 else:

@@ -366,3 +366,20 @@ def test_cli_train_and_its_errors(clean_folder, tmp_path, monkeypatch, capsys):
     assert payload["epoch"] == 1 and not payload["config"].norm_pix_loss
     assert run_cli(*args) == 2  # the run exists: refused, not overwritten
     assert "already holds a run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def test_loss_curve_picture_helpers():
+    from mae.plots import loss_curve, nice_ticks, smooth
+
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(0.13, 0.61) == [0.2, 0.3, 0.4, 0.5, 0.6]  # step 0.1: the round step at or above 0.096
+    assert nice_ticks(0.13, 0.61, count=4) == [0.2, 0.4, 0.6]  # 0.12 rounds up to a step of 0.2
+    assert smooth([2.0, 2.0, 2.0], weight=0.9) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected from the start
+    assert smooth([0.0, 1.0], weight=0.5) == pytest.approx([0.0, 1.0 * 0.5 / 0.75])
+    picture = loss_curve([1, 2, 3, 4], [1.0, float("nan"), 0.8, 0.7], [0.0, 1e-4, 2e-4, 1e-4])
+    assert picture.size == (900, 560)
+    colours = {colour for _, colour in picture.getcolors(maxcolors=1 << 16)}
+    assert (31, 90, 180) in colours and (200, 100, 30) in colours  # smoothed loss and lr lines drawn
+    empty = loss_curve([1], [float("inf")])
+    assert (31, 90, 180) not in {colour for _, colour in empty.getcolors(maxcolors=1 << 16)}
