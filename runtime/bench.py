@@ -42,10 +42,8 @@ ENGINE_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "openvino": ("openvino", {"precision": "fp32"}),  # bf16 compute where the CPU has it (OpenVINO's choice)
     "openvino-f32": ("openvino", {"precision": "fp32", "inference_precision": "f32"}),
     "openvino-int8": ("openvino", {"precision": "int8"}),
-    "trt": ("trt", {"precision": "fp16"}),
-    "trt-fp32": ("trt", {"precision": "fp32"}),
+    "trt": ("trt", {"precision": "fp32"}),  # what `mae export --format trt` builds by default
     "trt-fp16": ("trt", {"precision": "fp16"}),
-    "trt-int8": ("trt", {"precision": "int8"}),
 }
 
 

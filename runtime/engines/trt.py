@@ -17,6 +17,7 @@ from mae.errors import MAEError, require
 from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle
 
 EXTRA = "tensorrt"
+ENGINE_PRECISIONS = ("fp32", "fp16")  # what `mae export --format trt` builds
 # TensorRT DataType names -> numpy dtypes for host buffers. BF16 / FP8 / INT4 I/O have no numpy type.
 NUMPY_DTYPES = {
     "FLOAT": np.float32,
@@ -51,8 +52,13 @@ def parse_cuda_device(device: str | int | None) -> int:
     raise MAEError(f"The trt engine runs on a CUDA GPU, not {device!r}.", hint="use --device cuda or cuda:N")
 
 
-def engine_files(manifest: dict[str, Any], bundle_dir: Path, part: str, precision: str) -> tuple[Path, Path | None]:
-    """(engine file, sidecar JSON or None) of `part` at `precision` from mae.json, with errors that say what to do."""
+def engine_file_path(manifest: dict[str, Any], bundle_dir: Path, part: str, precision: str) -> Path:
+    """The engine file of `part` at `precision` listed in mae.json, with errors that say what to do."""
+    if precision not in ENGINE_PRECISIONS:
+        raise MAEError(
+            f"TensorRT engines are {' or '.join(ENGINE_PRECISIONS)}, not {precision}.",
+            hint="for int8 use the onnx engine with the bundle's int8 graph",
+        )
     engines = manifest.get("engines") or {}
     entry = (engines.get(precision) or {}).get(part)
     if entry is None:
@@ -64,11 +70,29 @@ def engine_files(manifest: dict[str, Any], bundle_dir: Path, part: str, precisio
         )
     engine_path = bundle_dir / entry["file"]
     if not engine_path.is_file():
+        hint = f"mae export {bundle_dir} --format trt --precision {precision}"
+        raise MAEError(f"{engine_path} is listed in mae.json but missing.", hint=hint)
+    return engine_path
+
+
+def check_engine_source(sidecar: dict[str, Any], manifest: dict[str, Any], part: str, engine_path: Path) -> None:
+    """An engine built from an ONNX graph that has since been re-exported would run the old weights."""
+    onnx_entry = sidecar.get("onnx") or {}
+    graph = manifest.get("graphs", {}).get(onnx_entry.get("precision", "fp32"), {}).get(part, {})
+    built_from, current = onnx_entry.get("sha256"), graph.get("sha256")
+    if built_from and current and built_from != current:
         raise MAEError(
-            f"{engine_path} is listed in mae.json but missing.", hint=f"mae export {bundle_dir} --format trt"
+            f"{engine_path.name} was built from an earlier {graph.get('file', 'ONNX graph')} (the bundle was "
+            "re-exported since): it would run the old weights.",
+            hint=f"rebuild it: mae export {engine_path.parent} --format trt --precision {sidecar.get('precision')}",
         )
-    sidecar = entry.get("sidecar")
-    return engine_path, (bundle_dir / sidecar if sidecar else None)
+
+
+def gpu_name(raw: bytes | str) -> str:
+    """cudaDeviceProp.name (a NUL-padded char array) as text."""
+    if isinstance(raw, bytes):
+        raw = raw.split(b"\0")[0].decode(errors="replace")
+    return str(raw).split("\0")[0].strip()
 
 
 def check_profile(spec: TensorSpec, shape: tuple[int, ...]) -> None:
@@ -163,12 +187,16 @@ class TensorRTEngine:
 
     name = "trt"
 
-    def __init__(self, model: object, part: str = "encoder", precision: str = "fp16", device: str = "auto") -> None:
+    def __init__(self, model: object, part: str = "encoder", precision: str = "fp32", device: str = "auto") -> None:
         self.part = part
         self.precision = precision
         self.bundle = load_bundle(model, "trt")
         self.config = self.bundle.config
-        engine_path, sidecar = engine_files(self.bundle.manifest, self.bundle.path, part, precision)
+        engine_path = engine_file_path(self.bundle.manifest, self.bundle.path, part, precision)
+        from mae.export.tensorrt import check_engine_compatible, load_sidecar
+
+        sidecar = load_sidecar(engine_path)
+        check_engine_source(sidecar, self.bundle.manifest, part, engine_path)
         trt = require("tensorrt", EXTRA, "The trt engine")
         cudart = _cudart()
         self.cudart = cudart
@@ -181,9 +209,10 @@ class TensorRTEngine:
             )
         _check(cudart, cudart.cudaSetDevice(self.device_index))
 
-        from mae.export.tensorrt import check_engine_compatible
-
-        check_engine_compatible(engine_path, sidecar)  # TensorRT version, GPU, source ONNX: says what to rebuild
+        props = _check(cudart, cudart.cudaGetDeviceProperties(self.device_index))
+        gpu = gpu_name(props.name)
+        # Engines load only on the TensorRT version and GPU that built them: say so, with the command to rebuild.
+        check_engine_compatible(sidecar, trt.__version__, gpu, f"{props.major}.{props.minor}")
 
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -198,9 +227,7 @@ class TensorRTEngine:
         self.context = self.engine.create_execution_context()
         self.stream = _check(cudart, cudart.cudaStreamCreate())
         self.buffers = {name: _DeviceBuffer(cudart) for name in self.specs}
-        props = _check(cudart, cudart.cudaGetDeviceProperties(self.device_index))
-        gpu = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        self.description = f"tensorrt {trt.__version__} {gpu.strip(chr(0))} {precision} ({engine_path.name})"
+        self.description = f"tensorrt {trt.__version__} {gpu} {precision} ({engine_path.name})"
 
     def _tensor_specs(self, trt) -> dict[str, TensorSpec]:  # noqa: ANN001
         specs = {}
