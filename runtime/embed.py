@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 from mae import __version__
-from mae.errors import MAEError
+from mae.errors import MAEError, require
 from mae.runtime.bundle import Bundle, Preprocessing, is_bundle, sha256_file
 from mae.runtime.embed_worker import DecodedChunk, DecodeTask, decode_chunk, init_worker, ready
 from mae.runtime.inputs import Inputs, ShardSpec, file_range, keys_checksum, list_inputs, output_files_for, shard_spec
@@ -66,6 +66,7 @@ POOLS = ("cls", "mean", "cls+mean", "tokens")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 STATIC_SHAPE_ENGINES = ("trt", "tensorrt", "openvino")
 SUMMARY_FORMAT = "mae-embeddings-summary"
+MAX_FILE_BYTES = 4 << 30  # embeddings of one output file, held in memory until written
 
 
 class EmbedFailures(MAEError):
@@ -306,6 +307,7 @@ class _Embedder:
         self.batch_size = batch_size
         self.num_patches = config.num_patches
         self.embed_dim = config.embed_dim
+        self.row_shape = tuple(embedding_shape(config, pool))
         self.pad = getattr(engine, "name", "") in STATIC_SHAPE_ENGINES
         self.stats = _Stats()
         self.progress = progress
@@ -326,7 +328,7 @@ class _Embedder:
         if state.embeddings:
             embeddings = np.concatenate(state.embeddings)
         else:
-            embeddings = np.zeros((0, *embedding_shape_for(self)), dtype=self.dtype)
+            embeddings = np.zeros((0, *self.row_shape), dtype=self.dtype)
         return ShardRows(np.ascontiguousarray(embeddings), state.metadata, state.failures)
 
     def _record_failure(self, state: _FileState, index: int, reason: str, message: str) -> None:
@@ -395,12 +397,6 @@ class _Embedder:
                 state.metadata[name].append(values[name])
         self.stats.embedded += real
         self.progress.advance(real)
-
-
-def embedding_shape_for(embedder: _Embedder) -> tuple[int, ...]:
-    if embedder.pool == "tokens":
-        return (1 + embedder.num_patches, embedder.embed_dim)
-    return (2 * embedder.embed_dim if embedder.pool == "cls+mean" else embedder.embed_dim,)
 
 
 class _Progress:
@@ -521,7 +517,17 @@ def embed(
         "inputs_sha256": inputs.fingerprint,
     }
     params_sha256 = params_checksum(params)
+    file_bytes = shard_size * int(np.prod(params["embedding_shape"])) * np.dtype(DTYPES[dtype]).itemsize
+    if file_bytes > MAX_FILE_BYTES:
+        fitting = max(1, MAX_FILE_BYTES // (file_bytes // shard_size))
+        raise MAEError(
+            f"One output file of {shard_size} images would hold {file_bytes / 2**30:.1f} GiB of {pool} embeddings "
+            "(kept in memory until it is written).",
+            hint=f"use --shard-size {fitting} or less",
+        )
     out_folder.claim(params)
+    # Imported here rather than at the first write, inside the timed pipeline (a third of a second).
+    require("pyarrow.parquet", "cpu", "Writing embedding metadata (parquet)")
 
     my_files = output_files_for(len(inputs), shard_size, spec)
     markers: dict[int, dict[str, Any]] = {}

@@ -304,3 +304,10 @@ def test_cli_reports_and_exit_codes(tmp_path, model_files, corpus):
     assert (tmp_path / "b" / "summary.json").is_file()
     bad = subprocess.run([*command, "--out", str(tmp_path / "c"), "--shard", "3/2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "out of range" in bad.stderr
+
+
+def test_token_files_too_large_for_memory_are_refused_up_front(tmp_path, model_files, photo_dir):
+    _, bundle = model_files
+    with pytest.raises(MAEError, match="shard-size"):
+        embed(photo_dir, bundle, tmp_path / "out", pool="tokens", shard_size=3_000_000, workers=0, progress=False)
+    assert not (tmp_path / "out" / "run.json").exists()
