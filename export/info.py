@@ -104,23 +104,42 @@ def bundle_summary(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _graph_table(summary: dict[str, Any], title: str):  # noqa: ANN202 - rich Table
+    """One row per graph; narrow enough for an 80-column terminal (file names are never cut)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for column in ("precision", "graph", "file", "size", "max |diff|", "tolerance", "cosine cls", "cosine mean"):
-        table.add_column(column, justify="right" if column in ("size", "max |diff|") else "left")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("graph")
+    table.add_column("file", overflow="fold")
+    table.add_column("size", justify="right")
+    table.add_column("max |diff|", justify="right")
+    table.add_column("cosine", justify="left")  # encoder: cls / mean-pooled; decoder: the prediction
     for graph in summary["graphs"]:
         report = graph["verification"]
-        if not report.get("verified", "max_abs_diff" in report):
-            diff, tolerance = "not verified", "-"
+        verified = report.get("verified", "max_abs_diff" in report)
+        if not verified:
+            diff, cosine = "not verified", ""
         else:
             diff = _number(report.get("max_abs_diff"))
-            tolerance = ", ".join(f"{k} {v:g}" for k, v in (report.get("tolerance") or {}).items()) or "-"
-        cls = _number(report.get("cosine_cls", report.get("cosine_pred")), ".6f")
-        mean = _number(report.get("cosine_mean"), ".6f")
+            if "cosine_cls" in report:
+                cosine = f"cls {report['cosine_cls']:.6f} mean {report['cosine_mean']:.6f}"
+            else:
+                cosine = f"pred {_number(report.get('cosine_pred'), '.6f')}"
         file_text = graph["file"] if graph["exists"] else f"{graph['file']} (missing)"
-        table.add_row(graph["precision"], graph["part"], file_text, _size(graph["bytes"]), diff, tolerance, cls, mean)
+        table.add_row(f"{graph['precision']} {graph['part']}", file_text, _size(graph["bytes"]), diff, cosine)
     return table
+
+
+def _tolerance_lines(summary: dict[str, Any]) -> list[str]:
+    """'fp32: max |diff| <= 0.0001' per verified precision."""
+    from mae.export.verify import Tolerance
+
+    lines = {}
+    for graph in summary["graphs"]:
+        tolerance = (graph["verification"] or {}).get("tolerance")
+        if tolerance and graph["precision"] not in lines:
+            lines[graph["precision"]] = Tolerance(**tolerance).describe()
+    return [f"{precision}: {text}" for precision, text in lines.items()]
 
 
 def describe_bundle(path: str | os.PathLike, console: Any = None) -> dict[str, Any]:
@@ -156,7 +175,10 @@ def describe_bundle(path: str | os.PathLike, console: Any = None) -> dict[str, A
         f"{config['decoder_depth']}, {config['decoder_num_heads']} heads",
     )
     console.print(overview)
-    console.print(_graph_table(summary, "Graphs (verified against PyTorch fp32)"))
+    console.print(_graph_table(summary, "Graphs (checked against PyTorch fp32)"))
+    tolerances = _tolerance_lines(summary)
+    if tolerances:
+        console.print("tolerances: " + "; ".join(tolerances))
     if summary["inputs"]:
         inputs = summary["inputs"]
         console.print(
@@ -191,5 +213,8 @@ def print_export_summary(bundle: Bundle, console: Any = None) -> None:
     console = console or Console()
     summary = bundle_summary(bundle.path)
     console.print(_graph_table(summary, f"Bundle written: {bundle.path}"))
+    tolerances = _tolerance_lines(summary)
+    if tolerances:
+        console.print("tolerances: " + "; ".join(tolerances))
     if not summary["has_decoder"]:
         console.print("The weights have no decoder: the bundle holds the encoder only (embeddings, no reconstruction).")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,14 +131,19 @@ def verification_cases(num_patches: int, num_images: int) -> list[Case]:
     return cases
 
 
-class TorchReference:
-    """fp32 PyTorch outputs for every case, computed once and shared by the checks of all precisions."""
+class Reference:
+    """Expected outputs for every case, computed once and shared by the checks of all precisions.
 
-    def __init__(self, model: MaskedAutoencoder, preprocessing: Preprocessing) -> None:
-        self.model = model
+    Subclasses say where the truth comes from (`_compute`): the fp32 PyTorch model, or a bundle's verified fp32
+    ONNX graphs (for TensorRT engines, which are built from a bundle without needing the weights).
+    """
+
+    label = "reference"
+
+    def __init__(self, num_patches: int, preprocessing: Preprocessing) -> None:
         self.image_names, self.pixels = reference_pixels(preprocessing)
-        self.cases = verification_cases(model.cfg.num_patches, len(self.image_names))
-        self._outputs: dict[tuple[str, int], tuple[dict[str, np.ndarray], np.ndarray]] = {}
+        self.cases = verification_cases(num_patches, len(self.image_names))
+        self._outputs: dict[tuple[str, int], np.ndarray] = {}
 
     def inputs(self, part: str, index: int) -> dict[str, np.ndarray]:
         case = self.cases[index]
@@ -149,15 +155,45 @@ class TorchReference:
     def expected(self, part: str, index: int) -> np.ndarray:
         key = (part, index)
         if key not in self._outputs:
-            feeds = self.inputs(part, index)
-            tensors = [torch.from_numpy(np.ascontiguousarray(array)) for array in feeds.values()]
-            with torch.inference_mode():
-                if part == "encoder":
-                    output = self.model.forward_encoder(*tensors)  # [B, 1+K, D]
-                else:
-                    output = self.model.forward_decoder(*tensors)  # [B, L, p*p*3]
-            self._outputs[key] = (feeds, output.float().numpy())
-        return self._outputs[key][1]
+            self._outputs[key] = self._compute(part, self.inputs(part, index))
+        return self._outputs[key]
+
+    def _compute(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TorchReference(Reference):
+    """The fp32 PyTorch model: the truth every exported graph is held to."""
+
+    label = "PyTorch"
+
+    def __init__(self, model: MaskedAutoencoder, preprocessing: Preprocessing) -> None:
+        super().__init__(model.cfg.num_patches, preprocessing)
+        self.model = model
+
+    def _compute(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        tensors = [torch.from_numpy(np.ascontiguousarray(array)) for array in feeds.values()]
+        # encoder: [B, 1+K, D]; decoder: [B, L, p*p*3]
+        forward = self.model.forward_encoder if part == "encoder" else self.model.forward_decoder
+        with torch.inference_mode():
+            return forward(*tensors).float().numpy()
+
+
+class OnnxReference(Reference):
+    """A bundle's fp32 ONNX graphs in ONNX Runtime (CPU): themselves verified against PyTorch at export."""
+
+    label = "the bundle's fp32 ONNX graphs"
+
+    def __init__(self, bundle: Any) -> None:  # mae.runtime.bundle.Bundle
+        super().__init__(bundle.config.num_patches, bundle.preprocessing)
+        self.bundle = bundle
+        self._sessions: dict[str, Any] = {}
+
+    def _compute(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if part not in self._sessions:
+            self._sessions[part] = _session(self.bundle.graph(part, "fp32"))
+        (output,) = self._sessions[part].run([GRAPH_IO[part][1][0]], feeds)
+        return np.asarray(output, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -189,9 +225,9 @@ def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
         raise VerificationError(f"ONNX Runtime cannot load {path.name}: {exc}", hint="this is an export bug") from exc
 
 
-def verify_graph(path: Path, part: str, precision: str, reference: TorchReference) -> dict[str, Any]:
-    """Check one graph file against PyTorch; return its report, or raise VerificationError naming the worst case."""
-    tolerance = TOLERANCES[precision]
+def verify_graph(path: Path, part: str, precision: str, reference: Reference) -> dict[str, Any]:
+    """Check one graph file against the reference; return its report, or raise VerificationError naming the worst
+    case."""
     check_graph_file(path)
     session = _session(path)
 
@@ -204,22 +240,39 @@ def verify_graph(path: Path, part: str, precision: str, reference: TorchReferenc
             f"{list(input_names)} -> {list(output_names)}."
         )
 
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        (output,) = session.run(list(output_names), feeds)
+        return np.asarray(output)
+
+    report = compare_outputs(run, path.name, part, precision, reference, TOLERANCES[precision])
+    report["bytes"] = graph_bytes(path)
+    return report
+
+
+def compare_outputs(
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    name: str,
+    part: str,
+    precision: str,
+    reference: Reference,
+    tolerance: Tolerance,
+) -> dict[str, Any]:
+    """Run every case through `run` and hold the outputs to `reference` within `tolerance`."""
+    output_name = GRAPH_IO[part][1][0]
     cases = []
     worst_abs = worst_rel = 0.0
     worst_case: dict[str, Any] = {}
     cosine_cls = cosine_mean = cosine_pred = 1.0
     for index, case in enumerate(reference.cases):
         expected = reference.expected(part, index)
-        feeds = reference.inputs(part, index)
-        (actual,) = session.run(list(output_names), feeds)
-        actual = np.asarray(actual)
+        actual = run(reference.inputs(part, index))
         if actual.shape != expected.shape:
             raise VerificationError(
-                f"{path.name} returned {output_names[0]} of shape {list(actual.shape)} for batch {case.batch} and "
-                f"{case.kept} kept tokens; PyTorch gives {list(expected.shape)}."
+                f"{name} returned {output_name} of shape {list(actual.shape)} for batch {case.batch} and "
+                f"{case.kept} kept tokens; {reference.label} gives {list(expected.shape)}."
             )
         if actual.dtype != np.float32:
-            raise VerificationError(f"{path.name} returned {actual.dtype} {output_names[0]}; the contract is float32.")
+            raise VerificationError(f"{name} returned {actual.dtype} {output_name}; the contract is float32.")
         difference = float(np.abs(actual.astype(np.float64) - expected).max())
         relative = difference / max(float(np.abs(expected).max()), 1e-30)
         entry: dict[str, Any] = {
@@ -247,8 +300,8 @@ def verify_graph(path: Path, part: str, precision: str, reference: TorchReferenc
         worst_rel = max(worst_rel, relative)
 
     report: dict[str, Any] = {
-        "file": path.name,
-        "bytes": graph_bytes(path),
+        "file": name,
+        "reference": reference.label,
         "max_abs_diff": worst_abs,
         "max_rel_diff": worst_rel,
         "tolerance": {k: v for k, v in asdict(tolerance).items() if v is not None},
@@ -273,7 +326,8 @@ def verify_graph(path: Path, part: str, precision: str, reference: TorchReferenc
     if failures:
         where = f"mask ratio {worst_case.get('mask_ratio')}, batch {worst_case.get('batch')}"
         raise VerificationError(
-            f"The {precision} {part} ({path.name}) does not match PyTorch: {'; '.join(failures)} (worst at {where}).",
+            f"The {precision} {part} ({name}) does not match {reference.label}: {'; '.join(failures)} "
+            f"(worst at {where}).",
             hint="nothing was written; for int8/fp16 the weights may not suit this precision, export fp32 instead",
         )
     return report
