@@ -8,6 +8,10 @@ Augmentation, as the original's `transforms.Compose` (torchvision is not needed)
 RandomResizedCrop(img_size, scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic) -> RandomHorizontalFlip(0.5) ->
 ToTensor -> Normalize(ImageNet mean, std).
 
+JPEGs are decoded at a reduced DCT scale (Pillow `draft`) only as far as both sides stay at least
+img_size / sqrt(0.2 * 3/4): the smallest possible crop is then still at least img_size wide and high, so the bicubic
+resize only ever downsamples and the picture loses nothing, while a large photo decodes several times faster.
+
 A file that cannot be decoded never stops training: the dataset returns a `SkippedSample` marker, `collate` drops it
 and reports it with the batch, and the trainer counts and logs it.
 """
@@ -37,6 +41,11 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect ratio range of the random crop
 CROP_ATTEMPTS = 10  # random tries before the centre-crop fallback, as torchvision
 
 
+def draft_side(img_size: int) -> int:
+    """Least side a drafted JPEG keeps: the smallest crop (area 0.2, aspect 3/4) of it is still >= img_size."""
+    return math.ceil(img_size / math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]))
+
+
 # --------------------------------------------------------------------------------------------- discovery
 def find_images(root: str | os.PathLike) -> list[Path]:
     """Image files under `root` (recursive, common extensions, case-insensitive), sorted, hidden entries skipped."""
@@ -46,7 +55,13 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise MAEError(f"--data {root} is not a folder.", hint="pass the folder that holds the images")
     found: list[Path] = []
+    visited: set[str] = set()  # real paths: a symlink loop is walked once
     for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders[:] = []
+            continue
+        visited.add(real)
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         found.extend(
             Path(folder) / name
@@ -145,6 +160,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.num_patches = num_patches
         self.seed = seed
         self.pre = Preprocessing(size=img_size, resize="squash", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        side = draft_side(img_size)
+        self.draft_size = (side, side)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -154,7 +171,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         path = self.paths[index]
         rng = sample_rng(self.seed, epoch, index)
         try:
-            image = load_image(path)
+            image = load_image(path, draft_size=self.draft_size)
         except ImageError as exc:
             return SkippedSample(str(path), exc.reason, exc.message)
         pixels = pretrain_augment(image, self.img_size, rng, self.pre)  # [3, S, S]

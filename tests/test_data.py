@@ -17,6 +17,7 @@ from mae.data import (
     ShardedBatchSampler,
     SkippedSample,
     collate,
+    draft_side,
     find_images,
     holdout_indices,
     make_loader,
@@ -51,6 +52,7 @@ def test_find_images_is_recursive_sorted_and_skips_hidden_and_other_files(tmp_pa
     (tmp_path / ".hidden").mkdir()
     for name in ("b/deep/x.JPEG", "a.png", "b/y.webp", ".hidden/z.jpg", "b/.dot.jpg", "c.txt", "d.npy"):
         (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "b" / "deep" / "loop").symlink_to(tmp_path / "b", target_is_directory=True)  # walked once
     assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == [
         "a.png",
         "b/deep/x.JPEG",
@@ -169,6 +171,28 @@ def test_dataset_samples_depend_only_on_seed_epoch_index(image_folder):
     other_seed = PretrainDataset(paths, img_size=32, num_patches=16, seed=4)[(2, 0)]
     assert not torch.equal(other_epoch[0], pixels) and not torch.equal(other_epoch[1], noise)
     assert not torch.equal(other_seed[1], noise)
+
+
+def test_large_jpegs_are_drafted_but_every_crop_still_downsamples(tmp_path, real_photos, monkeypatch):
+    import mae.data
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(real_photos[0]).resize((1600, 1200), Image.Resampling.BICUBIC).save(path, quality=90)
+    decoded_sizes = []
+    real_load = mae.data.load_image
+
+    def recording_load(file, draft_size=None):
+        image = real_load(file, draft_size=draft_size)
+        decoded_sizes.append(image.size)
+        return image
+
+    monkeypatch.setattr(mae.data, "load_image", recording_load)
+    PretrainDataset([path], img_size=32, num_patches=16, seed=0)[(0, 0)]
+    width, height = decoded_sizes[0]
+    assert width <= 1600 // 4 and min(width, height) >= draft_side(32)  # decoded at 1/8 (200 x 150)
+    rng = np.random.default_rng(0)
+    smallest = min(min(random_resized_crop_box(width, height, rng)[2:]) for _ in range(2000))
+    assert smallest >= 32  # the bicubic resize to 32 px never enlarges
 
 
 def test_corrupt_files_become_markers_and_are_dropped_by_collate(image_folder):
