@@ -75,7 +75,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Folder of images, searched recursively.")],
     model: Annotated[
         str | None,
-        typer.Option(help="Architecture preset [default: mae_vit_base_patch16; with --resume the run's]."),
+        typer.Option(help="Architecture preset (default: mae_vit_base_patch16; the run's with --resume)."),
     ] = None,
     img_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: the preset's).")] = None,
     patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels (default: the preset's).")] = None,
