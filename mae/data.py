@@ -250,6 +250,9 @@ def _ignore_interrupts_in_worker(worker_id: int) -> None:
 def make_loader(
     dataset: PretrainDataset, sampler: ShardedBatchSampler, workers: int, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
+    """Batches from `sampler`; the samples need no worker RNG, and the workers' own seeds come from a generator
+    seeded with the run's seed (and rank) rather than from the global torch RNG."""
+    generator = torch.Generator().manual_seed(sampler.seed * 1000 + sampler.rank)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -258,6 +261,7 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         worker_init_fn=_ignore_interrupts_in_worker if workers > 0 else None,
+        generator=generator,
     )
 
 
