@@ -1,10 +1,11 @@
 """Reduced-precision variants of the fp32 graphs.
 
 fp16: every float weight and activation in fp16, except LayerNormalization and Softmax, which run in fp32 between
-explicit Casts: their sums of squares / exponentials are where fp16 overflows (a LayerNorm variance over 768
-channels of activations ~30 is already 7e5 > 65504). Inputs and outputs stay float32 (Casts at the graph boundary),
-so the runtime feeds the same arrays to every precision. All types are explicit, which is what TensorRT 11's
-strongly typed networks need.
+explicit Casts: their sums of squares / exponentials are where fp16 overflows (the sum of squares over 768
+channels of activations ~30 is already 7e5 > 65504). ONNX Runtime's CPU LayerNorm accumulates in fp32 anyway
+(`stash_type`); TensorRT's fp16 normalization layers need not, and strongly typed TensorRT does what the graph says.
+Inputs and outputs stay float32 (Casts at the graph boundary), so the runtime feeds the same arrays to every
+precision. All types are explicit, which is what TensorRT 11's strongly typed networks need.
 
 int8: ONNX Runtime dynamic quantization of the encoder's weight MatMuls (QOperator form: DynamicQuantizeLinear +
 MatMulInteger). ANCHORS.md measured it 2.5-3.9x faster than PyTorch fp32 on this CPU at both mask ratios, without
