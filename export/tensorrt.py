@@ -44,7 +44,7 @@ TIMING_CACHE_FILE = "tensorrt.timing.cache"
 SIDECAR_FORMAT = "mae-tensorrt-engine"
 INSTALL_HINT = (
     "pip install 'mae-toolkit[tensorrt]' on a machine with an NVIDIA GPU and driver "
-    "(or use --format onnx, which runs on TensorRT through ONNX Runtime's TensorRT provider)"
+    "(the ONNX bundle runs without TensorRT: --format onnx)"
 )
 Dims = tuple[int, ...]
 
