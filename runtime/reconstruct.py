@@ -110,7 +110,10 @@ def _resolve_model(model: Any, engine: str, device: str) -> _Model:
                 f"The bundle {bundle.path} has no decoder: reconstruction needs the full (decoder) weights.",
                 hint="export from weights that include the decoder (e.g. mae_visualize_vit_*.pth or `mae train`)",
             )
-        return _Model(bundle.config, bundle.preprocessing, bundle.norm_pix_loss, str(bundle.path), bundle, [])
+        notes = []
+        if not bundle.manifest.get("norm_pix_loss_known", True):
+            notes.append(f"the source weights do not record norm_pix_loss; assumed {bundle.norm_pix_loss}")
+        return _Model(bundle.config, bundle.preprocessing, bundle.norm_pix_loss, str(bundle.path), bundle, notes)
     if engine != "torch":
         raise MAEError(
             f"The {engine} engine runs an exported bundle, and {path} is not one (no mae.json).",
@@ -126,8 +129,10 @@ def _resolve_model(model: Any, engine: str, device: str) -> _Model:
         )
     cfg = loaded.config
     notes = []
-    if not getattr(loaded, "norm_pix_loss_known", True):
-        notes.append(f"these weights do not record norm_pix_loss; assumed {cfg.norm_pix_loss}")
+    if not loaded.norm_pix_loss_known:  # the loader says what it assumed and why
+        notes += [note for note in loaded.notes if "norm_pix_loss" in note] or [
+            f"these weights do not record norm_pix_loss; assumed {cfg.norm_pix_loss}"
+        ]
     return _Model(cfg, Preprocessing(size=cfg.img_size), cfg.norm_pix_loss, network, None, notes)
 
 

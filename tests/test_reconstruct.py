@@ -196,11 +196,14 @@ def test_in_memory_images_and_model(photo_files, real_photos):
 def test_norm_pix_loss_bundle_says_so(tiny_bundle, photo_files, tmp_path):
     def set_norm_pix(manifest):
         manifest["norm_pix_loss"] = True
+        manifest["norm_pix_loss_known"] = False  # as for official weights: assumed, and the user is told
 
     bundle = variant(tiny_bundle, tmp_path / "normpix", set_norm_pix)
     plain = reconstruct(photo_files[:1], tiny_bundle.path)
     normpix = reconstruct(photo_files[:1], bundle)
     assert normpix.norm_pix_loss and NORM_PIX_NOTE in normpix.notes and NORM_PIX_NOTE not in plain.notes
+    assert any("do not record norm_pix_loss; assumed True" in note for note in normpix.notes)
+    assert not any("record norm_pix_loss" in note for note in plain.notes)
     np.testing.assert_array_equal(normpix.pred, plain.pred)  # same graphs: only the mapping to pixels differs
     assert not np.allclose(normpix.panels.reconstruction, plain.panels.reconstruction)
     assert normpix.picture().height > plain.picture().height  # the note line
