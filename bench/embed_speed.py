@@ -1,22 +1,24 @@
 """`mae embed` against the engine alone: how much of the engine's speed survives decoding, batching and writing.
 
     python bench/embed_speed.py                                # ViT-B/16 (random weights), onnx fp32, batch 8
-    python bench/embed_speed.py --engine openvino --images 240 --passes 3 --json embed_speed.json
+    python bench/embed_speed.py --engine openvino --images 96 --passes 4 --json embed_speed.json
     python bench/embed_speed.py --bundle path/to/bundle --workers 1
 
 It writes `--images` JPEGs of 640x480 made from the photos shipped with scikit-image (crops and flips, so that no
-two files are the same), then alternates, `--passes` times: (A) the engine alone on batches of pre-processed
-images with every patch kept (what `mae bench` times at mask ratio 0), (B) the whole `mae embed` pipeline over the
-folder with the same engine object, batch size and pooling. The median ratio B / A is the number that travels: the
-goal is >= 0.85. The per-stage split (decode in the workers, inference, writing, time the engine waited for
-images) says where the rest went. Decode and inference share the CPU, so on a 2-core machine the ceiling is about
-1 / (1/engine + 1/decode) (ANCHORS.md).
+two files are the same), then alternates A B A B ... A with `--passes` B's: (A) the engine alone on batches of
+pre-processed images with every patch kept (what `mae bench` times at mask ratio 0), (B) the whole `mae embed`
+pipeline over the folder with the same engine object, batch size and pooling. Each B is divided by the mean of the
+two A's around it, which cancels a steady drift of a shared machine; the median of those ratios is the number
+that travels (goal: >= 0.85). The per-stage split (decode in the workers, inference, writing, time the engine
+waited for images) says where the rest went. Decode and inference share the CPU, so on a 2-core machine the
+ceiling is about 1 / (1/engine + 1/decode) (ANCHORS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -108,8 +110,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--images", type=int, default=96, help="JPEGs per pipeline pass.")
-    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--images", type=int, default=48, help="JPEGs per pipeline pass.")
+    parser.add_argument("--passes", type=int, default=6)
     parser.add_argument("--resize", default="center", choices=["center", "squash"])
     parser.add_argument("--pool", default="cls")
     parser.add_argument("--work-dir", type=Path, help="Keep the bundle and JPEGs here (default: a temporary one).")
@@ -133,28 +135,34 @@ def main() -> None:
         pixel_values = np.stack([load_and_preprocess(p, pre, args.resize)[0] for p in paths[: args.batch_size]])
         batches = max(1, args.images // args.batch_size)
 
-        engine_speeds, pipeline_speeds, summaries = [], [], []
+        # E P E P ... E: each pipeline pass is compared with the engine measured just before and just after it,
+        # which cancels a steady drift of the (shared) machine.
+        engine_speeds = [engine_only(engine, pixel_values, batches)]
+        pipeline_speeds, ratios, summaries = [], [], []
         for index in range(args.passes):
-            engine_speeds.append(engine_only(engine, pixel_values, batches))
+            out = work / f"out-{index}"
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run each pass, never a resumed one
             summary = embed(
-                images, bundle, work / f"out-{index}", engine=engine, precision=args.precision, pool=args.pool,
+                images, bundle, out, engine=engine, precision=args.precision, pool=args.pool,
                 batch_size=args.batch_size, workers=args.workers, resize=args.resize, progress=False,
-                shard_size=max(args.images // 4, 1),
+                shard_size=max(args.images // 2, 1),
             )  # fmt: skip
+            engine_speeds.append(engine_only(engine, pixel_values, batches))
             pipeline_speeds.append(summary["this_run"]["images_per_second"])
             summaries.append(summary)
+            around = (engine_speeds[-2] + engine_speeds[-1]) / 2
+            ratios.append(pipeline_speeds[-1] / around)
             print(
-                f"pass {index + 1}: engine alone {engine_speeds[-1]:.1f} img/s, embed {pipeline_speeds[-1]:.1f} img/s"
-                f" ({pipeline_speeds[-1] / engine_speeds[-1]:.3f})"
+                f"pass {index + 1}: engine alone {engine_speeds[-2]:.2f} / {engine_speeds[-1]:.2f} img/s, "
+                f"embed {pipeline_speeds[-1]:.2f} img/s (ratio {ratios[-1]:.3f})"
             )
         decode_speed = decode_only(paths[: min(len(paths), 48)], bundle, args.resize)
     finally:
         if temp is not None:
             temp.cleanup()
 
-    ratios = [p / e for p, e in zip(pipeline_speeds, engine_speeds, strict=True)]
     engine_median, pipeline_median = statistics.median(engine_speeds), statistics.median(pipeline_speeds)
-    middle = summaries[pipeline_speeds.index(statistics.median_low(pipeline_speeds))]
+    middle = summaries[ratios.index(statistics.median_low(ratios))]
     processed = middle["this_run"]["images"]
     stages = middle["stages"]
     per_image_ms = {
@@ -182,7 +190,7 @@ def main() -> None:
         "worker_startup_s": stages["decode"]["worker_startup_seconds"],
     }
     print()
-    print(f"engine alone   {engine_median:8.2f} img/s (median of {args.passes})")
+    print(f"engine alone   {engine_median:8.2f} img/s (median of {len(engine_speeds)})")
     print(f"mae embed      {pipeline_median:8.2f} img/s")
     ceiling_note = f"shared-CPU ceiling {result['ceiling_ratio']}"
     print(f"ratio          {result['median_ratio']:8.3f}   (goal >= 0.85; {ceiling_note})")

@@ -152,6 +152,12 @@ class OutputFolder:
         if old == params:
             return
         changed = sorted(key for key in set(old) | set(params) if old.get(key) != params.get(key))
+        if set(changed) <= {"inputs", "inputs_sha256"}:
+            raise MAEError(
+                f"The input changed since {self.root} was started ({old.get('inputs')} files then, "
+                f"{params.get('inputs')} now, or other names): its output files would no longer line up with it.",
+                hint="embed the new input into a new --out (or restore the original file list to resume)",
+            )
         details = "; ".join(f"{key}: {_short(old.get(key))} -> {_short(params.get(key))}" for key in changed)
         raise MAEError(
             f"{self.root} was started with different settings ({details}). Mixing them would give embeddings that "

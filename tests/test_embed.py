@@ -253,7 +253,7 @@ def test_changed_arguments_or_inputs_are_refused(tmp_path, model_files):
     with pytest.raises(MAEError, match="resize"):
         embed(images, bundle, out, resize="squash", workers=0, progress=False)
     Image.fromarray(gradient_rgb()).save(images / "new.png")
-    with pytest.raises(MAEError, match="inputs"):
+    with pytest.raises(MAEError, match="input changed"):
         embed(images, bundle, out, workers=0, progress=False)
 
 
