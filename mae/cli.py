@@ -153,9 +153,10 @@ def reconstruct(
     device: Annotated[str, typer.Option(help="torch engine: auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Reconstruct masked images: original | masked | reconstruction | reconstruction + visible."""
+    options = dict(locals())  # before the import below adds a name
     from mae.runtime.reconstruct import run_reconstruct
 
-    run_reconstruct(**locals())
+    run_reconstruct(**options)
 
 
 # -------------------------------------------------------------------------------------------------- embed
@@ -188,18 +189,23 @@ def embed(
 @app.command()
 def bench(
     model: Annotated[str, typer.Option(help="Bundle directory or preset name.")] = "mae_vit_base_patch16",
-    engines: Annotated[str, typer.Option(help="Comma-separated: torch,torch-bf16,onnx,onnx-int8,openvino,trt.")] = (
-        "torch,onnx,onnx-int8"
-    ),
+    engines: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated, from: torch, torch-bf16, torch-cuda, torch-cuda-fp16, onnx, onnx-fp16, onnx-int8, "
+            "onnx-cpu, onnx-cuda, openvino, openvino-f32, openvino-int8, trt, trt-fp16. PyTorch fp32 always runs."
+        ),
+    ] = "torch,onnx,onnx-int8",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     mask_ratio: Annotated[list[float], typer.Option(help="Repeat for several.")] = [0.75, 0.0],  # noqa: B006
     seconds: Annotated[float, typer.Option(help="Timing budget per engine and ratio.")] = 5.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
 ) -> None:
     """Images/s per engine and mask ratio, as ratios against PyTorch eager fp32 in the same run."""
+    options = dict(locals())  # before the import below adds a name
     from mae.runtime.bench import run_bench
 
-    run_bench(**locals())
+    run_bench(**options)
 
 
 # --------------------------------------------------------------------------------------------------- info

@@ -295,7 +295,6 @@ def run_bench(
     mask_ratio: Sequence[float] = (0.75, 0.0),
     seconds: float = 5.0,
     json_out: Path | None = None,
-    **_: Any,
 ) -> list[dict[str, Any]]:
     """`mae bench`: print the table (and the engines' descriptions); write JSON when asked."""
     import os

@@ -218,12 +218,14 @@ def reconstruct(
     device: str | None = None,
     batch_size: int = 16,
     engines: tuple[Engine, Engine] | None = None,
+    progress: bool = False,
 ) -> ReconstructionResult:
     """Reconstruct images (files, uint8 [H, W, 3] arrays or Pillow images) with `model`.
 
     model: a bundle directory, or (torch engine) weights or a MaskedAutoencoder. Masking comes from `noise`
     ([N, L] array or .npy, smallest kept, as Hugging Face's `noise`) or else from numpy noise seeded by `seed`.
     engines: an (encoder, decoder) pair from `create_engines`, to reuse across calls.
+    progress: a progress bar over the batches (when there is more than one).
     """
     if not images:
         raise MAEError("No images to reconstruct.")
@@ -244,8 +246,11 @@ def reconstruct(
     else:
         encoder, decoder = engines
 
+    from rich.progress import track
+
     latents, preds = [], []
-    for start in range(0, count, batch_size):
+    starts = range(0, count, batch_size)
+    for start in track(starts, description="reconstructing", disable=not progress or len(starts) < 2, transient=True):
         rows = slice(start, start + batch_size)
         latent = encoder.run({"pixel_values": pixel_values[rows], "ids_keep": masking.ids_keep[rows]})["latent"]
         pred = decoder.run({"latent": latent, "ids_restore": masking.ids_restore[rows]})["pred"]
@@ -325,7 +330,6 @@ def run_reconstruct(
     out: Path = Path("reconstructions"),
     save_arrays: Path | None = None,
     device: str = "auto",
-    **_: Any,
 ) -> ReconstructionResult:
     """`mae reconstruct`: write the 4-panel pictures (and arrays), print PSNR / MSE on the removed patches."""
     from rich.console import Console
@@ -343,6 +347,7 @@ def run_reconstruct(
         precision=value(precision),
         provider=value(provider),
         device=value(device),
+        progress=True,
     )
     out = Path(out)
     targets = picture_paths(result.names, out)

@@ -87,3 +87,15 @@ def test_cli_bench_on_a_preset_writes_json(tmp_path, monkeypatch, capsys):
         assert "int8" in rows["onnx-int8", mask_ratio]["description"]
     assert rows["onnx", 0.75]["time_vs_mask0"] > 0 and "time_vs_mask0" not in rows["onnx", 0.0]
     assert all(r["images_per_s"] > 0 for r in payload["rows"] if "error" not in r)
+
+
+def test_cli_help_lists_every_engine():
+    from typer.testing import CliRunner
+
+    from mae.cli import app
+    from mae.runtime.bench import ENGINE_SPECS
+
+    result = CliRunner().invoke(app, ["bench", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    listed = {word.strip(",.") for word in result.output.split()}
+    assert set(ENGINE_SPECS) <= listed
