@@ -265,6 +265,29 @@ def _add_masked_speedup(rows: list[dict[str, Any]]) -> None:
             row["time_vs_mask0"] = row["ms_per_batch"] / full["ms_per_batch"]
 
 
+def summary_lines(rows: list[dict[str, Any]], min_cosine: float = 0.999) -> list[str]:
+    """Per mask ratio: the fastest torch-free engine whose pooled features stay within `min_cosine` of PyTorch."""
+    lines = []
+    for ratio in dict.fromkeys(r["mask_ratio"] for r in rows):
+        candidates = [
+            r
+            for r in rows
+            if r["mask_ratio"] == ratio
+            and "images_per_s" in r
+            and ENGINE_SPECS[r["engine"]][0] != "torch"
+            and min(r["cosine_cls"], r["cosine_mean"]) >= min_cosine
+        ]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda r: r["images_per_s"])
+        masked = f", t/t(mask 0) {best['time_vs_mask0']:.2f}" if "time_vs_mask0" in best else ""
+        lines.append(
+            f"mask {ratio:g}: fastest torch-free engine with pooled cosine >= {min_cosine}: {best['engine']}, "
+            f"{best['ratio_vs_torch']:.2f}x PyTorch eager fp32{masked}"
+        )
+    return lines
+
+
 def results_table(rows: list[dict[str, Any]], title: str):  # noqa: ANN201 - rich Table
     from rich.table import Table
 
@@ -307,6 +330,8 @@ def run_bench(
     rows = bench(model, engines, batch_size=batch_size, mask_ratios=mask_ratio, seconds=seconds)
     title = f"Encoder throughput, {model}, batch {batch_size} (median of interleaved rounds)"
     console.print(results_table(rows, title))
+    for line in summary_lines(rows):
+        console.print(line, highlight=False)
     descriptions = dict.fromkeys(f"{r['engine']}: {r['description']}" for r in rows if "description" in r)
     descriptions.update(dict.fromkeys(f"{r['engine']}: not run: {r['error']}" for r in rows if "error" in r))
     for line in descriptions:

@@ -13,7 +13,7 @@ from mae.checkpoint import save_checkpoint
 from mae.config import get_preset
 from mae.errors import MAEError
 from mae.model import MaskedAutoencoder
-from mae.runtime.bench import bench, cosine_rows, parse_engines, pooled, timing_rounds
+from mae.runtime.bench import bench, cosine_rows, parse_engines, pooled, summary_lines, timing_rounds
 
 
 def test_parse_engines():
@@ -99,3 +99,27 @@ def test_cli_help_lists_every_engine():
     assert result.exit_code == 0
     listed = {word.strip(",.") for word in result.output.split()}
     assert set(ENGINE_SPECS) <= listed
+
+
+def test_summary_names_the_fastest_accurate_torch_free_engine():
+    def row(engine, ratio, speed, cos):
+        return {
+            "engine": engine,
+            "mask_ratio": ratio,
+            "images_per_s": speed,
+            "ratio_vs_torch": speed / 10,
+            "cosine_cls": cos,
+            "cosine_mean": cos,
+        }
+
+    rows = [
+        row("torch", 0.75, 10, 1.0),
+        row("torch-bf16", 0.75, 90, 1.0),
+        row("onnx", 0.75, 11, 1.0),
+        row("onnx-int8", 0.75, 60, 0.998),
+        row("openvino", 0.75, 40, 0.9999),
+        {"engine": "trt", "mask_ratio": 0.75, "kept": 49, "error": "no GPU"},
+    ]
+    rows[4]["time_vs_mask0"] = 0.25
+    (line,) = summary_lines(rows)
+    assert "openvino, 4.00x PyTorch eager fp32, t/t(mask 0) 0.25" in line  # int8 is faster but below 0.999
