@@ -93,7 +93,7 @@ class _Model:
     notes: list[str]
 
 
-def _resolve_model(model: Any, engine: str, device: str) -> _Model:
+def _resolve_model(model: Any, engine: str) -> _Model:
     """Read what the pictures need (config, preprocessing, norm_pix_loss) once, without building engines."""
     if not isinstance(model, str | os.PathLike):  # an in-memory MaskedAutoencoder (training previews, tests)
         if engine != "torch":
@@ -147,7 +147,7 @@ def create_engines(
     model: Any, engine: str = "onnx", precision: str = "fp32", **options: Any
 ) -> tuple[Engine, Engine, list[str]]:
     """(encoder engine, decoder engine, notes) for reconstruction; weights are loaded once for both."""
-    resolved = _resolve_model(model, engine, options.get("device") or "auto")
+    resolved = _resolve_model(model, engine)
     return _create_engines(resolved, engine, precision, options)
 
 
@@ -231,7 +231,7 @@ def reconstruct(
         raise MAEError("No images to reconstruct.")
     if not 0.0 <= mask_ratio < 1.0:
         raise MAEError(f"mask ratio {mask_ratio} must be in [0, 1)")
-    resolved = _resolve_model(model, engine, device or "auto")
+    resolved = _resolve_model(model, engine)
     cfg, pre = resolved.config, resolved.preprocessing
     names, sizes, pixel_values = _load_images(images, pre, resize)
     count, length = len(names), cfg.num_patches
