@@ -156,8 +156,71 @@ def export_graph(model: MaskedAutoencoder, part: str, opset: int = DEFAULT_OPSET
             hint=f"try the default opset ({DEFAULT_OPSET}); report the error if it persists",
         ) from exc
     proto = program.model_proto
+    strip_node_metadata(proto)
+    fold_weight_constants(proto)
     check_forbidden_ops(proto, part)
     return proto
+
+
+def strip_node_metadata(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node notes (FX names, Python stack traces with this machine's paths): they are
+    for debugging the exporter, not for the people the bundle is shipped to."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+
+
+# Ops whose result on constant inputs is computed once at export instead of at every run. The exporter keeps
+# parameters as named initializers and leaves e.g. `cls_token + pos_embed[:, :1]` to run time; in an fp16 graph
+# ONNX Runtime's CPU cannot fold those itself (no fp16 kernels for constant folding) and says so in a warning.
+FOLDABLE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Slice", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Concat"})
+
+
+def fold_weight_constants(proto: onnx.ModelProto) -> int:
+    """Replace nodes in FOLDABLE_OPS whose inputs are all initializers by initializers holding their result;
+    drop initializers nothing uses any more. Returns the number of nodes folded."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    graph_outputs = {value.name for value in graph.output}
+    folded = 0
+    kept_nodes = []
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if node.op_type not in FOLDABLE_OPS or not inputs or any(name not in initializers for name in inputs):
+            kept_nodes.append(node)
+            continue
+        if any(output in graph_outputs for output in node.output) or node.domain not in ("", "ai.onnx"):
+            kept_nodes.append(node)
+            continue
+        single = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                [node],
+                "fold",
+                [],
+                [onnx.helper.make_value_info(name, onnx.TypeProto()) for name in node.output],
+                [initializers[name] for name in inputs],
+            ),
+            opset_imports=list(proto.opset_import),
+        )
+        results = ReferenceEvaluator(single).run(None, {})
+        for name, value in zip(node.output, results, strict=True):
+            tensor = numpy_helper.from_array(value, name)
+            graph.initializer.append(tensor)
+            initializers[name] = tensor
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept_nodes)
+        used = {name for node in graph.node for name in node.input} | graph_outputs
+        unused = [tensor for tensor in graph.initializer if tensor.name not in used]
+        for tensor in unused:
+            graph.initializer.remove(tensor)
+        stale = {value.name for value in graph.value_info} - used
+        for value in [v for v in graph.value_info if v.name in stale]:
+            graph.value_info.remove(value)
+    return folded
 
 
 def op_types(proto: onnx.ModelProto) -> set[str]:

@@ -428,3 +428,45 @@ def test_cli_export_and_info(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
     assert Bundle.load(copy).precisions == ["fp32", "int8"]
     code, text = run_cli(monkeypatch, capsys, "info", str(copy))
     assert code == 0 and "encoder.int8.onnx" in text
+
+
+# ----------------------------------------------------------------------------------------- graph hygiene
+def test_no_local_paths_in_graphs(bundle: Bundle) -> None:
+    for part in ("encoder", "decoder"):
+        proto = onnx.load(str(bundle.graph(part)))
+        assert not any(node.metadata_props for node in proto.graph.node)
+        assert "/work/" not in proto.SerializeToString().decode("latin-1")
+
+
+def test_fold_weight_constants() -> None:
+    """`cls + pos[:, :1]` on weights becomes one initializer; the table it came from goes; activations stay."""
+    from onnx import numpy_helper
+
+    from mae.export.graphs import fold_weight_constants
+
+    make = onnx.helper.make_node
+    pos = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    cls = np.full((1, 1, 4), 0.5, dtype=np.float32)
+    initializers = [
+        numpy_helper.from_array(pos, "pos"),
+        numpy_helper.from_array(cls, "cls"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+    ]
+    nodes = [
+        make("Slice", ["pos", "zero", "one", "one"], ["pos_cls"]),
+        make("Add", ["cls", "pos_cls"], ["cls_token"]),
+        make("Add", ["x", "cls_token"], ["y"]),  # depends on an input: stays
+    ]
+    x_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 1, 4])
+    y_info = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 1, 4])
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "g", [x_info], [y_info], initializers),
+        opset_imports=[onnx.helper.make_opsetid("", 18)],
+    )
+    assert fold_weight_constants(proto) == 2
+    assert [node.op_type for node in proto.graph.node] == ["Add"]
+    assert sorted(t.name for t in proto.graph.initializer) == ["cls_token"]
+    x = np.ones((2, 1, 4), dtype=np.float32)
+    (y,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(y, x + cls + pos[:, :1])
