@@ -244,7 +244,12 @@ def demo(
 def main() -> None:
     """Entry point: user errors are printed plainly (no traceback) with exit status 2."""
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode Typer turns Ctrl-C (and typer.Exit) into a returned exit code.
+        exit_code = app(standalone_mode=False)
+        if isinstance(exit_code, int) and exit_code:
+            if exit_code == 130:
+                typer.secho("Interrupted.", err=True)
+            sys.exit(exit_code)
     except MAEError as exc:
         typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
         if exc.hint:
