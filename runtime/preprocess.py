@@ -30,7 +30,9 @@ import math
 import os
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -45,6 +47,7 @@ TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 EXIF_ORIENTATION_TAG = 0x0112
 
 ImageSize = tuple[int, int]  # (width, height)
+T = TypeVar("T")
 
 
 class ImageError(MAEError):
@@ -172,9 +175,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _decode(
-    path: str | os.PathLike, draft_for: tuple[Preprocessing, str] | ImageSize | None
-) -> tuple[Image.Image, ImageSize]:
-    """Open once, draft (JPEG), decode, orient, RGB. -> (RGB image, (width, height) of the upright original)."""
+    path: str | os.PathLike,
+    draft_for: tuple[Preprocessing, str] | ImageSize | None,
+    finish: Callable[[Image.Image], T],
+) -> tuple[T, ImageSize]:
+    """Open once, draft (JPEG), decode, orient, RGB, then `finish(rgb)` while the file is still open.
+
+    Returns (what finish returned, (width, height) of the upright original). `finish` must not return the image
+    itself: closing the file on the way out also releases the pixels of the image it was decoded into.
+    """
     image = _open(path)
     with image:
         orientation = _exif_orientation(image)
@@ -199,8 +208,7 @@ def _decode(
             rgb = to_rgb(image)
         except ImageError as exc:
             raise ImageError(exc.reason, f"{path}: {exc.message}", path) from exc
-        # Detach from the file so that its handle is closed on leaving the `with`.
-        return (rgb.copy() if rgb is image else rgb), upright
+        return finish(rgb), upright
 
 
 def load_image(path: str | os.PathLike, draft_size: ImageSize | None = None) -> Image.Image:
@@ -209,7 +217,7 @@ def load_image(path: str | os.PathLike, draft_size: ImageSize | None = None) -> 
     draft_size: (width, height) in the *stored* orientation that a decoded JPEG must at least have; the decoder
     then picks the largest DCT reduction (1/2, 1/4, 1/8) that keeps both sides at least that large. None: full size.
     """
-    return _decode(path, draft_size)[0]
+    return _decode(path, draft_size, lambda rgb: rgb.copy())[0]
 
 
 # ------------------------------------------------------------------------------------------------- tensors
@@ -269,8 +277,7 @@ def load_and_preprocess(
 ) -> tuple[np.ndarray, ImageSize]:
     """Decode and preprocess one file: (float32 [3, S, S], (width, height) of the upright original)."""
     mode = _check_resize(pre, resize)
-    image, original_size = _decode(path, (pre, mode) if draft else None)
-    return preprocess_image(image, pre, mode), original_size
+    return _decode(path, (pre, mode) if draft else None, lambda rgb: preprocess_image(rgb, pre, mode))
 
 
 def denormalize(pixel_values: np.ndarray, pre: Preprocessing) -> np.ndarray:
