@@ -171,7 +171,7 @@ def print_table(results: dict) -> None:
         title_justify="left",
     )
     for column in ("engine", "K", "img/s", "x torch", "cos cls", "cos mean", "max |diff|"):
-        table.add_column(column, justify="left" if column == "engine" else "right")
+        table.add_column(column, justify="left" if column == "engine" else "right", no_wrap=True)
     for row in results["engines"]:
         table.add_row(
             row["engine"],
