@@ -259,8 +259,14 @@ def test_norm_pix_loss_and_squash_are_recorded(tmp_path: Path, tiny_model: Maske
     config = tiny_model.cfg.replace(norm_pix_loss=True)
     path = tmp_path / "pix.pt"
     save_checkpoint(path, tiny_model.state_dict(), config)
+    (tmp_path / "bundle").mkdir()  # an empty directory is fine to export into
     bundle = export_bundle(path, tmp_path / "bundle", resize="squash", verify=False)
     assert bundle.norm_pix_loss and bundle.preprocessing.resize == "squash"
+    from mae.runtime.bundle import current_umask
+
+    # Ordinary permissions, not those of the private staging directory / temporary files.
+    assert (bundle.path.stat().st_mode & 0o777) == 0o777 & ~current_umask()
+    assert ((bundle.path / "mae.json").stat().st_mode & 0o777) == 0o666 & ~current_umask()
     meta = read_metadata(onnx.load(str(bundle.graph("decoder"))))
     assert meta["norm_pix_loss"] is True and meta["preprocessing"]["resize"] == "squash"
     assert bundle.manifest["verification"]["fp32"]["encoder"]["verified"] is False
