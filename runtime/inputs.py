@@ -2,8 +2,9 @@
 
 `list_inputs(INPUT)` accepts
 - a folder: searched recursively for files with an image extension Pillow reads (case-insensitive); hidden files
-  and folders (".name") are skipped, and so is the output folder when it lies inside; sorted by path relative to the
-  folder, so the order is the same on every machine whatever the mount point;
+  and folders (".name") are skipped, and so is the output folder when it lies inside; links to files are followed,
+  links to folders are not (no loops); sorted by path relative to the folder, so the order is the same on every
+  machine whatever the mount point;
 - a text file of paths, one per line (blank lines and lines starting with "#" ignored; relative paths are relative
   to the text file's folder); its order is kept, every line is an input whatever its extension;
 - a glob (`photos/**/*.jpg`, recursive `**` allowed): the matching files, sorted;
