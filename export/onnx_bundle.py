@@ -221,6 +221,8 @@ def export_bundle(
     wanted = _check_precisions(precisions)
     if resize is not None and resize not in RESIZE_POLICIES:
         raise MAEError(f"Unknown resize policy {resize!r}", hint=f"use one of: {', '.join(RESIZE_POLICIES)}")
+    if opset is not None:
+        check_opset(opset)  # before the (slow) weights are read
     out_dir = Path(out_dir)
     steps = Steps(enabled=progress)
     existing = _existing_bundle(out_dir)
