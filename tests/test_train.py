@@ -194,6 +194,7 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(finished_run, image_fol
 
 
 # ------------------------------------------------------------------------------------------- exact resume
+@pytest.mark.slow  # about 1 s on an idle machine, 10 s on a busy one
 @pytest.mark.parametrize(
     "accum_iter, epochs, stop_after_steps", [(1, 2, 6), (4, 3, 1)], ids=["epoch-boundary", "mid-epoch"]
 )
