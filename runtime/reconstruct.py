@@ -119,9 +119,9 @@ def _resolve_model(model: Any, engine: str) -> _Model:
             f"The {engine} engine runs an exported bundle, and {path} is not one (no mae.json).",
             hint=f"export it first (`mae export {path} --out BUNDLE`) or add --engine torch",
         )
-    from mae.weights import load_model
+    from mae.runtime.engines.torch import load_weights
 
-    network, loaded = load_model(path, device="cpu")
+    network, loaded = load_weights(path)
     if not loaded.has_decoder:
         raise MAEError(
             f"{path} holds the encoder only: reconstruction needs the full (decoder) weights.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -239,3 +240,27 @@ def test_bad_inputs_are_errors_not_tracebacks(tiny_bundle, photo_batch):
         engine.run({"pixel_values": photo_batch[:1], "ids_keep": np.array([[0, 16]])})
     with pytest.raises(MAEError, match="must be \\[B, 3, 32, 32\\]"):
         engine.run({"pixel_values": np.zeros((1, 3, 64, 64), np.float32), "ids_keep": np.array([[0, 1]])})
+
+
+def test_onnx_and_openvino_paths_never_import_torch(tiny_bundle, photo_dir):
+    """A deployment needs numpy, Pillow and an engine: reconstruct and run engines with torch unimportable."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.modules["torch"] = None  # any import of torch now fails
+        from mae.runtime.bench import parse_engines
+        from mae.runtime.engines import create_engine
+        from mae.runtime.reconstruct import reconstruct
+        photos = sorted(Path({str(photo_dir)!r}).iterdir())[:2]
+        result = reconstruct(photos, {str(tiny_bundle.path)!r})
+        assert result.pred.shape == (2, 16, 192)
+        create_engine("openvino", {str(tiny_bundle.path)!r})
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -49,6 +49,26 @@ def bundle_source(model: object) -> Path | None:
     return source_path
 
 
+def load_weights(path: str | Path):  # noqa: ANN201 - (MaskedAutoencoder, LoadedWeights)
+    """Any weights `mae.weights` reads, as an fp32 CPU model in eval mode: the one place runtime/ loads torch."""
+    from mae.weights import load_model
+
+    return load_model(Path(path), device="cpu")
+
+
+def save_random_weights(config, path: str | Path, seed: int = 0, decoder: bool = True) -> Path:  # noqa: ANN001
+    """A checkpoint of a freshly initialized model (benchmarks of presets), seeded for repeatable numbers."""
+    import torch
+
+    from mae.checkpoint import save_checkpoint
+    from mae.model import MaskedAutoencoder
+
+    torch.manual_seed(seed)
+    network = MaskedAutoencoder(config, decoder=decoder)
+    save_checkpoint(path, network.state_dict(), config)
+    return Path(path)
+
+
 class TorchEngine:
     """One graph of the PyTorch model, fp32 or bf16 (fp16 on CUDA), on CPU or CUDA."""
 
@@ -86,12 +106,10 @@ class TorchEngine:
             if current.dtype != self.dtype or current.device != torch.device(self.device):
                 network = copy.deepcopy(network)  # Module.to() converts in place: leave the caller's model alone
         else:
-            from mae.weights import load_model
-
             path = bundle_source(model) or Path(str(model))
             if not path.exists():
                 raise MAEError(f"{path} does not exist.", hint="pass a checkpoint, official .pth, HF dir or bundle")
-            network, _ = load_model(path, device="cpu")
+            network, _ = load_weights(path)
             source = path.name
         if part == "decoder" and not network.has_decoder:
             raise MAEError(
