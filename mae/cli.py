@@ -143,7 +143,9 @@ def reconstruct(
     model: Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")],
     engine: Annotated[EngineName, typer.Option()] = EngineName.onnx,
     provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.auto,
-    precision: Annotated[ExportPrecision, typer.Option()] = ExportPrecision.fp32,
+    precision: Annotated[
+        str, typer.Option(help="Bundle graph: fp32, fp16 or int8 (trt: fp32, fp16); torch: fp32, bf16 (fp16 on CUDA).")
+    ] = "fp32",
     mask_ratio: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.75,
     seed: Annotated[int | None, typer.Option(help="Masking seed.")] = 0,
     noise: Annotated[Path | None, typer.Option(help="Noise array [N, L] (.npy), smallest kept.")] = None,

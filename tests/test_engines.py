@@ -206,6 +206,10 @@ def test_missing_precision_names_what_the_bundle_has(tiny_bundle):
     with pytest.raises(MAEError, match="no fp16 encoder \\(it has: fp32, int8\\)") as info:
         create_engine("onnx", tiny_bundle.path, precision="fp16")
     assert "--precision fp16" in info.value.hint
+    for name in ("onnx", "openvino"):
+        with pytest.raises(MAEError, match="graphs, not bf16") as info:
+            create_engine(name, tiny_bundle.path, precision="bf16")
+        assert "--engine torch --precision bf16" in info.value.hint
     with pytest.raises(MAEError, match="fp32, bf16 or fp16"):
         create_engine("torch", tiny_bundle.path, precision="int8")
     with pytest.raises(MAEError, match="needs CUDA"):

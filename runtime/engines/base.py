@@ -93,6 +93,18 @@ def warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def check_graph_precision(precision: str, engine: str) -> None:
+    """Bundles hold fp32, fp16 and int8 graphs; say where bf16 lives instead of "no bf16 graph"."""
+    from mae.runtime.bundle import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise MAEError(
+            f"The {engine} engine runs the bundle's {', '.join(PRECISIONS)} graphs, not {precision}.",
+            hint="bf16 is the torch engine's (--engine torch --precision bf16); OpenVINO computes in bf16 by itself"
+            " on CPUs that have it",
+        )
+
+
 def load_bundle(model: object, engine: str):  # noqa: ANN201 - returns mae.runtime.bundle.Bundle
     """The bundle `model` points at, or an MAEError that says weights need exporting (or the torch engine)."""
     from pathlib import Path

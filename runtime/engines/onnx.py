@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mae.errors import MAEError, require
-from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle, warn
+from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_graph_precision, check_inputs, load_bundle, warn
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -77,6 +77,7 @@ class OnnxEngine:
         ort = require("onnxruntime", "cpu", "The onnx engine")
         self.part = part
         self.precision = precision
+        check_graph_precision(precision, "onnx")
         self.bundle = load_bundle(model, "onnx")
         self.config = self.bundle.config
         graph_path = self.bundle.graph(part, precision)

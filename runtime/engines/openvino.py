@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 
 from mae.errors import MAEError, require
-from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle
+from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_graph_precision, check_inputs, load_bundle
 
 INFERENCE_PRECISIONS = {"auto": None, "bf16": "bf16", "f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16"}
 MAX_COMPILED_SHAPES = 8  # static-shape compilations kept (each holds its own copy of the weights)
@@ -64,6 +64,7 @@ class OpenVINOEngine:
             )
         self.part = part
         self.precision = precision
+        check_graph_precision(precision, "openvino")
         self.bundle = load_bundle(model, "openvino")
         self.config = self.bundle.config
         self.graph_path = self.bundle.graph(part, precision)
