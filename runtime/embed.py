@@ -38,7 +38,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,6 +449,41 @@ class _Progress:
             self.bar.stop()
 
 
+class _Writer:
+    """Writes finished output files in a background thread, one at a time, so that the engine keeps running while
+    a file is written and fsynced. At most one file waits (bounded memory); errors surface on the next call."""
+
+    def __init__(self, out_folder: OutputFolder, params_sha256: str, markers: dict[int, dict[str, Any]]) -> None:
+        self.out_folder = out_folder
+        self.params_sha256 = params_sha256
+        self.markers = markers  # filled in as files are done
+        self.seconds = 0.0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-writer")
+        self.pending: Future | None = None
+
+    def write(self, number: int, rows: ShardRows, keys_sha256: str, indexes: range) -> None:
+        self.wait()
+        self.pending = self.executor.submit(self._write, number, rows, keys_sha256, indexes)
+
+    def _write(self, number: int, rows: ShardRows, keys_sha256: str, indexes: range) -> None:
+        started = time.perf_counter()
+        self.markers[number] = self.out_folder.write_shard(number, rows, self.params_sha256, keys_sha256, indexes)
+        self.seconds += time.perf_counter() - started
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Let a file being written finish (it is complete), then stop the thread."""
+        try:
+            if self.pending is not None:
+                self.pending.exception()
+        finally:
+            self.executor.shutdown(wait=True)
+
+
 def _file_keys_checksum(inputs: Inputs, indexes: range) -> str:
     return keys_checksum([f"{index}\0{inputs.keys[index]}" for index in indexes])
 
@@ -558,6 +593,7 @@ def embed(
                 task = DecodeTask(chunk, [inputs.paths[i] for i in chunk], pre.to_dict(), resize)
                 yield state, chunk[-1] == indexes.stop - 1, task
 
+    writer = _Writer(out_folder, params_sha256, markers)
     pipeline_started = time.perf_counter()
     try:
         stream = tasks()
@@ -577,17 +613,15 @@ def embed(
             embedder.add_chunk(state, chunk)
             if last:
                 rows = embedder.finish(state)
-                writing = time.perf_counter()
-                indexes = state.indexes
-                markers[state.number] = out_folder.write_shard(
-                    state.number, rows, params_sha256, _file_keys_checksum(inputs, indexes), indexes
-                )
-                embedder.stats.write_seconds += time.perf_counter() - writing
+                writer.write(state.number, rows, _file_keys_checksum(inputs, state.indexes), state.indexes)
+        writer.wait()
     finally:
+        writer.close()
         bar.close()
         pipeline_seconds = time.perf_counter() - pipeline_started
         if decoder is not None:
             decoder.close()
+    embedder.stats.write_seconds = writer.seconds
 
     summary = _summary(
         inputs, spec, out_folder, my_files, markers, pending, embedder, decoder, runner, engine_name, model, params,
@@ -689,7 +723,8 @@ def _summary(
                 "batch_size": batch_size,
                 "padded_rows": stats.padded_rows,
             },
-            "write": {"seconds": round(stats.write_seconds, 3)},
+            # in a background thread, overlapped with inference
+            "write": {"seconds": round(stats.write_seconds, 3), "background": True},
         },
         "engine": {
             "name": engine_name,
