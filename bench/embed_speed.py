@@ -168,7 +168,7 @@ def main() -> None:
     per_image_ms = {
         "decode (in workers, CPU)": 1000 * stages["decode"]["worker_seconds"] / processed,
         "inference": 1000 * stages["inference"]["seconds"] / processed,
-        "write": 1000 * stages["write"]["seconds"] / processed,
+        "write (background thread)": 1000 * stages["write"]["seconds"] / processed,
         "engine waited for images": 1000 * stages["decode"]["main_waited_seconds"] / processed,
         "whole pipeline": 1000 * middle["this_run"]["pipeline_seconds"] / processed,
     }
