@@ -147,7 +147,9 @@ def test_reconstruct_equals_the_models_forward(tiny_bundle, photo_files, tmp_pat
         expected = model(torch.from_numpy(pixel_values), mask_ratio=0.6, noise=torch.from_numpy(noise))
 
     results = {
-        engine: reconstruct(photo_files, tiny_bundle.path, engine=engine, mask_ratio=0.6, noise=tmp_path / "noise.npy")
+        engine: reconstruct(
+            photo_files, tiny_bundle.path, engine=engine, mask_ratio=0.6, noise=tmp_path / "noise.npy", device="cpu"
+        )
         for engine in ("torch", "onnx", "openvino")
     }
     torch_result = results["torch"]
