@@ -166,21 +166,31 @@ def reconstruct(
 def embed(
     input: Annotated[str, typer.Argument(help="Folder (recursive), text file of paths, or a glob.")],
     model: Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")],
-    out: Annotated[Path, typer.Option(help="Output folder (embeddings/, metadata/, summary.json).")],
+    out: Annotated[Path, typer.Option(help="Output folder (embeddings/, metadata/, failures/, summary.json).")],
     engine: Annotated[EngineName, typer.Option()] = EngineName.onnx,
-    provider: Annotated[Provider, typer.Option()] = Provider.auto,
+    provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.auto,
     precision: Annotated[ExportPrecision, typer.Option()] = ExportPrecision.fp32,
-    pool: Annotated[Pool, typer.Option()] = Pool.cls,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    pool: Annotated[
+        Pool, typer.Option(help="Class token, mean of the patch tokens, both (2D), or every token (3-D files).")
+    ] = Pool.cls,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="Decode processes (0: in the main process).")] = 2,
-    resize: Annotated[Resize, typer.Option()] = Resize.center,
-    dtype: Annotated[DType, typer.Option()] = DType.float32,
-    l2_normalize: Annotated[bool, typer.Option("--l2-normalize")] = False,
-    shard: Annotated[str | None, typer.Option(help="I/N: this worker's part (default: RANK/WORLD_SIZE).")] = None,
+    resize: Annotated[Resize | None, typer.Option(help="Default: the bundle's (center unless exported otherwise).")] = (
+        None
+    ),
+    dtype: Annotated[DType, typer.Option(help="Of the stored embeddings.")] = DType.float32,
+    l2_normalize: Annotated[bool, typer.Option("--l2-normalize", help="Unit-length embeddings.")] = False,
+    shard: Annotated[
+        str | None, typer.Option(help="I/N: this worker's part (default: RANK/WORLD_SIZE or a Slurm array).")
+    ] = None,
     shard_size: Annotated[int, typer.Option(min=1, help="Images per output file.")] = 10000,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any file fails.")] = False,
 ) -> None:
-    """Embed a folder of images in resumable, row-aligned shards."""
+    """Embed images into resumable, row-aligned .npy + .parquet files (embedding-reader / autofaiss layout).
+
+    Files that cannot be embedded are listed with their reason in OUT/failures/. Run the same command again to
+    resume after an interruption; run it with --shard I/N on N machines to split the work.
+    """
     options = dict(locals())  # before the import below adds a name
     from mae.runtime.embed import run_embed
 
