@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -37,9 +38,10 @@ def test_cosine_and_pooling():
 
 def test_timing_rounds_interleave_and_settle():
     """Each round runs every engine in turn: one untimed settle call, then its timed block."""
-    calls = []
-    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    calls, collector_on = [], []
+    runners = {"a": lambda: calls.append("a"), "b": lambda: collector_on.append(gc.isenabled()) or calls.append("b")}
     times = timing_rounds(runners, budget_s=0.0, block_s=0.0, min_rounds=3)
+    assert gc.isenabled() and collector_on[0] and not any(collector_on[1:])  # no collections while timing
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}  # block of 1 when a call outlasts block_s
     # sizing call per runner, then per round: a (settle, timed), b (settle, timed)
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
