@@ -828,10 +828,9 @@ class _Trainer:
     def _result(self, stopped: str, session_images: int, seconds: float, epoch_checkpoints, previews) -> TrainResult:
         if self.is_main and stopped != "already_complete":
             self._report(stopped, session_images, seconds)
-        final = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else self.last_epoch_loss
         loss_curve = self.out / LOSS_CURVE
         return TrainResult(
-            final_loss=final,
+            final_loss=self._final_loss(),
             epochs_completed=self.epoch,
             epoch_position=self._epoch_float(),
             global_step=self.step,
@@ -848,8 +847,12 @@ class _Trainer:
             skipped_files=sorted(self.skipped.items()),
         )
 
+    def _final_loss(self) -> float | None:
+        """Mean loss of the current (partial) epoch, else of the last finished one."""
+        return sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else self.last_epoch_loss
+
     def _report(self, stopped: str, session_images: int, seconds: float) -> None:
-        final = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else self.last_epoch_loss
+        final = self._final_loss()
         how = {
             "completed": "done",
             "max_minutes": f"stopped after --max-minutes {self.opts.max_minutes}",

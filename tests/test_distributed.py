@@ -71,20 +71,11 @@ def test_torchrun_two_processes_match_one_process_with_twice_the_batch(image_fol
 
     # rank r's k-th batch of 2 and the other rank's together are the single process's k-th batch of 4; the
     # gradients are averaged over ranks, so the weights agree
-    single = run_training(
-        TrainOptions(
-            data=image_folder,
-            model=PRESET,
-            epochs=2,
-            warmup_epochs=1,
-            blr=1e-2,
-            workers=0,
-            device="cpu",
-            batch_size=4,
-            out=tmp_path / "single",
-            progress=False,
-        )
-    )
+    def options(**changes) -> TrainOptions:  # the torchrun command's options
+        base = dict(data=image_folder, model=PRESET, epochs=2, warmup_epochs=1, blr=1e-2, workers=0, device="cpu")
+        return TrainOptions(**base, progress=False, **changes)
+
+    single = run_training(options(batch_size=4, out=tmp_path / "single"))
     assert single.global_step == 6
     single_state = load_checkpoint(single.checkpoint)["model"]
     for name, tensor in payload["model"].items():
@@ -105,17 +96,4 @@ def test_torchrun_two_processes_match_one_process_with_twice_the_batch(image_fol
 
     # resuming with another number of processes would change the effective batch: refused
     with pytest.raises(MAEError, match="world_size: the run has 2, now 1"):
-        run_training(
-            TrainOptions(
-                data=image_folder,
-                model=PRESET,
-                epochs=2,
-                warmup_epochs=1,
-                blr=1e-2,
-                workers=0,
-                batch_size=2,
-                out=ddp_out,
-                resume=True,
-                progress=False,
-            )
-        )
+        run_training(options(batch_size=2, out=ddp_out, resume=True))
