@@ -83,6 +83,7 @@ def train(
     warmup_epochs: Annotated[int, typer.Option(min=0)] = 40,
     batch_size: Annotated[int, typer.Option(min=1, help="Per-process batch size.")] = 64,
     accum_iter: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    repeat: Annotated[int, typer.Option(min=1, help="Passes over the images per epoch (small datasets).")] = 1,
     blr: Annotated[float, typer.Option(help="Base lr; lr = blr * effective batch / 256.")] = 1.5e-4,
     lr: Annotated[float | None, typer.Option(help="Absolute lr (overrides --blr).")] = None,
     min_lr: Annotated[float, typer.Option()] = 0.0,

@@ -154,8 +154,9 @@ class PretrainDataset(torch.utils.data.Dataset):
     """Indexed by (index, epoch) pairs from `ShardedBatchSampler`: returns (pixels [3, S, S], noise [L]) or a
     `SkippedSample`. The masking noise is drawn here, from the same per-sample generator as the augmentation."""
 
-    def __init__(self, paths: Sequence[Path], img_size: int, num_patches: int, seed: int) -> None:
+    def __init__(self, paths: Sequence[Path], img_size: int, num_patches: int, seed: int, repeat: int = 1) -> None:
         self.paths = list(paths)
+        self.repeat = repeat  # index i reads paths[i % len(paths)]; the crop and noise still come from i itself
         self.img_size = img_size
         self.num_patches = num_patches
         self.seed = seed
@@ -164,11 +165,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.draft_size = (side, side)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.paths) * self.repeat
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | SkippedSample:
         index, epoch = key
-        path = self.paths[index]
+        path = self.paths[index % len(self.paths)]
         rng = sample_rng(self.seed, epoch, index)
         try:
             image = load_image(path, draft_size=self.draft_size)

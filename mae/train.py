@@ -67,7 +67,17 @@ PREVIEWS = "previews"
 RUN_FILE = "run.json"
 PREVIEW_SEED = 0  # masking noise of the previews: the same patches hidden every epoch
 # Options that decide what a run computes: resuming with different values would not continue the same run.
-RUN_DEFINING = ("epochs", "warmup_epochs", "batch_size", "accum_iter", "peak_lr", "min_lr", "weight_decay", "seed")
+RUN_DEFINING = (
+    "epochs",
+    "warmup_epochs",
+    "batch_size",
+    "accum_iter",
+    "peak_lr",
+    "min_lr",
+    "weight_decay",
+    "seed",
+    "repeat",
+)
 
 
 @dataclass
@@ -82,6 +92,7 @@ class TrainOptions:
     warmup_epochs: int = 40
     batch_size: int = 64  # per process
     accum_iter: int = 1  # gradient accumulation steps per optimizer step
+    repeat: int = 1  # passes over the training images per epoch, each with its own random crops (small datasets)
     blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256
     lr: float | None = None  # absolute peak lr; overrides blr
     min_lr: float = 0.0  # floor of the cosine schedule
@@ -162,7 +173,7 @@ def _check_options(opts: TrainOptions, device: torch.device) -> None:
     problems = []
     if opts.precision not in PRECISIONS:
         problems.append(f"--precision {opts.precision!r} must be one of {', '.join(PRECISIONS)}")
-    for name in ("epochs", "batch_size", "accum_iter", "save_every", "log_every"):
+    for name in ("epochs", "batch_size", "accum_iter", "repeat", "save_every", "log_every"):
         if getattr(opts, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if opts.warmup_epochs < 0:
@@ -322,16 +333,19 @@ class _Trainer:
 
         self.peak_lr = peak_learning_rate(opts.blr, opts.lr, opts.batch_size, opts.accum_iter, self.dist.world_size)
         self.sampler = ShardedBatchSampler(
-            len(self.train_paths), opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size
+            len(self.train_paths) * opts.repeat, opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size
         )
         self.steps_per_epoch = self.sampler.batches_per_epoch()  # batches per rank per epoch
         if self.steps_per_epoch == 0:
             raise MAEError(
-                f"{len(self.train_paths)} training images make no full batch of {opts.batch_size} per process"
+                f"{len(self.train_paths)} training images x --repeat {opts.repeat} make no full batch of"
+                f" {opts.batch_size} per process"
                 f" ({self.dist.world_size} process(es)); incomplete batches are dropped.",
                 hint="lower --batch-size or add images",
             )
-        self.dataset = PretrainDataset(self.train_paths, self.config.img_size, self.config.num_patches, opts.seed)
+        self.dataset = PretrainDataset(
+            self.train_paths, self.config.img_size, self.config.num_patches, opts.seed, repeat=opts.repeat
+        )
         self.loader = make_loader(self.dataset, self.sampler, opts.workers, pin_memory=self.device.type == "cuda")
 
         torch.manual_seed(opts.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -419,6 +433,7 @@ class _Trainer:
             "min_lr": opts.min_lr,
             "weight_decay": opts.weight_decay,
             "seed": opts.seed,
+            "repeat": opts.repeat,
             "world_size": self.dist.world_size,
         }
         for name in (*RUN_DEFINING, "world_size"):
@@ -510,6 +525,7 @@ class _Trainer:
                 "min_lr": opts.min_lr,
                 "weight_decay": opts.weight_decay,
                 "seed": opts.seed,
+                "repeat": opts.repeat,
                 "world_size": self.dist.world_size,
                 "precision": opts.precision,
             },

@@ -173,6 +173,17 @@ def test_dataset_samples_depend_only_on_seed_epoch_index(image_folder):
     assert not torch.equal(other_seed[1], noise)
 
 
+def test_repeat_passes_over_each_image_with_fresh_crops(image_folder):
+    paths = [p for p in find_images(image_folder) if "broken" not in p.name]
+    once = PretrainDataset(paths, img_size=32, num_patches=16, seed=3)
+    repeated = PretrainDataset(paths, img_size=32, num_patches=16, seed=3, repeat=3)
+    assert len(repeated) == 3 * len(once)
+    # index i reads image i % N; the first pass equals the plain dataset, later passes crop and mask anew
+    assert torch.equal(repeated[(1, 0)][0], once[(1, 0)][0])
+    second_pass = repeated[(1 + len(paths), 0)]
+    assert not torch.equal(second_pass[0], once[(1, 0)][0]) and not torch.equal(second_pass[1], once[(1, 0)][1])
+
+
 def test_large_jpegs_are_drafted_but_every_crop_still_downsamples(tmp_path, real_photos, monkeypatch):
     import mae.data
 

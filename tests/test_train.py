@@ -13,6 +13,7 @@ from PIL import Image
 
 from mae.checkpoint import load_checkpoint
 from mae.config import get_preset
+from mae.data import find_images, split_holdout
 from mae.errors import MAEError
 from mae.model import MaskedAutoencoder
 from mae.train import (
@@ -191,6 +192,8 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(finished_run, image_fol
         run_training(options(image_folder, out, accum_iter=2, model="mae_vit_mini_patch8", resume=True))
     with pytest.raises(MAEError, match="norm_pix_loss"):
         run_training(options(image_folder, out, accum_iter=2, norm_pix_loss=False, resume=True))
+    with pytest.raises(MAEError, match=r"repeat: the run has 1, now 2"):
+        run_training(options(image_folder, out, accum_iter=2, repeat=2, resume=True))
 
 
 # ------------------------------------------------------------------------------------------- exact resume
@@ -307,6 +310,14 @@ def test_folder_of_unreadable_files_is_a_clear_error(tmp_path):
 def test_too_few_images_for_a_batch(clean_folder, tmp_path):
     with pytest.raises(MAEError, match="no full batch of 64"):
         run_training(options(clean_folder, tmp_path / "out", batch_size=64))
+
+
+def test_repeat_makes_longer_epochs(clean_folder, tmp_path):
+    train_images = len(split_holdout(find_images(clean_folder), 4)[0])  # batch 2, incomplete batches dropped
+    once = run_training(options(clean_folder, tmp_path / "once", epochs=1))
+    thrice = run_training(options(clean_folder, tmp_path / "thrice", epochs=1, repeat=3))
+    assert once.global_step == train_images // 2
+    assert thrice.global_step == 3 * train_images // 2
 
 
 def test_fp16_needs_cuda(clean_folder, tmp_path):
