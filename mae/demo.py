@@ -1,0 +1,278 @@
+"""`mae demo`: the whole toolkit on real photos that ship inside scikit-image and scikit-learn, offline.
+
+Steps: gather photos (a few held out) -> pretrain a CPU-sized MAE on random crops -> export encoder + decoder to ONNX
+(fp32 and int8, verified) -> reconstruct the held-out photos with ONNX Runtime and PyTorch -> embed every photo ->
+benchmark the engines -> a summary table (also `summary.json`).
+
+The training budget is a number of optimizer steps derived from `--minutes` and a nominal speed measured on the
+project's 2-core reference CPU (NOMINAL_IMAGES_PER_S), not a wall-clock stop, so two runs with the same seed train
+exactly the same steps and give the same numbers up to floating-point noise. A slower machine takes longer; a
+safety stop at 3x the budget keeps it bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mae.errors import MAEError
+from mae.runtime.bundle import atomic_write_text
+
+PRESET = "mae_vit_mini_patch8"  # 64 px, 8 px patches, 6 + 2 blocks
+BATCH_SIZE = 32
+HELD_OUT = 4  # photos kept out of training (the trainer's preview set), reconstructed at the end
+REPEAT = 64  # random crops of each photo per epoch (an epoch is then ~1000 crops)
+NOMINAL_IMAGES_PER_S = 160.0  # training speed of PRESET at BATCH_SIZE on the reference CPU (see module docstring)
+PEAK_LR = 1.5e-3
+MASK_RATIO = 0.75
+PHOTO_SIDE = 256  # shorter side of the photos written for training
+
+# Colour photos shipped in scikit-image (no download) and scikit-learn; grey ones are converted to RGB.
+SKIMAGE_COLOUR = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+SKIMAGE_GREY = ("camera", "moon", "coins", "brick", "grass", "gravel", "clock", "page", "text")
+
+
+@dataclass
+class Photo:
+    name: str
+    path: Path
+
+
+def gather_photos(folder: Path) -> list[Path]:
+    """Write the shipped photos to `folder` as PNG, shorter side at most PHOTO_SIDE; returns the sorted paths.
+
+    The model sees 64 px crops, so smaller files lose nothing and keep decoding from bounding training speed.
+    """
+    from PIL import Image
+    from skimage import data as skdata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    for name in SKIMAGE_COLOUR + SKIMAGE_GREY:
+        array = getattr(skdata, name)()
+        arrays[name] = np.stack([array] * 3, axis=-1) if array.ndim == 2 else array[..., :3]
+    arrays["motorcycle_left"], arrays["motorcycle_right"], _ = skdata.stereo_motorcycle()
+    try:
+        from sklearn.datasets import load_sample_images
+
+        sample = load_sample_images()
+        for filename, array in zip(sample.filenames, sample.images, strict=True):
+            arrays[Path(filename).stem] = array
+    except ImportError:  # scikit-learn is optional: scikit-image alone has enough photos
+        pass
+
+    paths = []
+    for name, array in arrays.items():
+        path = folder / f"{name}.png"
+        if not path.exists():
+            image = Image.fromarray(np.ascontiguousarray(array).astype(np.uint8))
+            scale = PHOTO_SIDE / min(image.size)
+            if scale < 1:
+                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+            image.save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+def mean_colour_baseline_psnr(original: np.ndarray, mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """PSNR on removed patches when each removed patch is filled with the mean colour of the visible ones.
+
+    original [N, S, S, 3] in [0, 1]; mask [N, L] (1 = removed) -> [N] dB.
+    """
+    from mae.runtime.visualize import mask_to_pixels
+
+    removed = mask_to_pixels(mask, patch_size, original.shape[1])  # [N, S, S, 1]
+    visible = 1.0 - removed
+    mean_colour = (original * visible).sum(axis=(1, 2)) / np.maximum(visible.sum(axis=(1, 2)), 1.0)  # [N, 3]
+    squared = (original - mean_colour[:, None, None, :]) ** 2 * removed  # [N, S, S, 3]
+    mse = squared.sum(axis=(1, 2, 3)) / np.maximum(removed.sum(axis=(1, 2, 3)) * 3, 1.0)
+    return (10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))).astype(np.float32)
+
+
+def training_steps(minutes: float) -> int:
+    return max(1, int(minutes * 60 * NOMINAL_IMAGES_PER_S / BATCH_SIZE))
+
+
+def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, progress: bool = True) -> dict:
+    """Run every step; returns the summary (also written to OUT/summary.json and printed)."""
+    from rich.console import Console
+
+    if minutes <= 0:
+        raise MAEError(f"--minutes must be positive, got {minutes}")
+    console = Console()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"seed": seed, "minutes": minutes}
+    started = time.perf_counter()
+
+    # 1. Photos -------------------------------------------------------------------------------------------
+    console.rule("[bold]1/6 photos")
+    from mae.data import split_holdout
+
+    photo_paths = gather_photos(out / "photos")
+    train_paths, held_out = split_holdout(photo_paths, HELD_OUT)
+    held_out = sorted(held_out)
+    console.print(f"{len(photo_paths)} photos from scikit-image / scikit-learn; held out: {[p.name for p in held_out]}")
+
+    # 2. Pretraining ----------------------------------------------------------------------------------------
+    console.rule("[bold]2/6 pretraining")
+    from mae.train import TrainOptions, run_training
+
+    steps = training_steps(minutes)
+    steps_per_epoch = max(1, len(train_paths) * REPEAT // BATCH_SIZE)
+    epochs = max(1, math.ceil(steps / steps_per_epoch))
+    run_dir = out / "run"
+    result = run_training(
+        TrainOptions(
+            data=out / "photos",
+            model=PRESET,
+            epochs=epochs,
+            warmup_epochs=max(1, epochs // 10),
+            batch_size=BATCH_SIZE,
+            lr=PEAK_LR,
+            mask_ratio=MASK_RATIO,
+            norm_pix_loss=False,  # pixel targets: reconstructions are pictures a person can judge
+            precision="fp32",
+            out=run_dir,
+            seed=seed,
+            workers=1,
+            save_every=max(1, epochs),
+            max_minutes=3 * minutes,
+            preview_images=HELD_OUT,
+            repeat=REPEAT,
+            resume=(run_dir / "checkpoint.pt").exists(),
+            progress=progress,
+        )
+    )
+    summary["training"] = {
+        "preset": PRESET,
+        "steps": result.global_step,
+        "epochs": result.epochs_completed,
+        "seconds": round(result.seconds, 1),
+        "final_loss": result.final_loss,
+        "images_per_s": round(result.images_per_s, 1),
+        "stopped": result.stopped,
+        "checkpoint": str(result.checkpoint),
+        "loss_curve": str(run_dir / "loss_curve.png"),
+    }
+
+    # 3. Export ----------------------------------------------------------------------------------------------
+    console.rule("[bold]3/6 export to ONNX (fp32 + int8), verified against PyTorch")
+    from mae.export import export_bundle
+
+    bundle_dir = out / "bundle"
+    bundle = export_bundle(result.checkpoint, bundle_dir, precisions=("fp32", "int8"))
+    report = bundle.manifest.get("verification", {})
+    summary["export"] = {"bundle": str(bundle_dir), "verification": report}
+
+    # 4. Reconstruction --------------------------------------------------------------------------------------
+    console.rule("[bold]4/6 reconstruction of the held-out photos")
+    from mae.runtime.reconstruct import reconstruct, save_picture
+    from mae.runtime.visualize import panels_picture
+
+    recon: dict[str, Any] = {}
+    for engine, model in (("onnx", str(bundle_dir)), ("torch", str(result.checkpoint))):
+        res = reconstruct(held_out, model, engine=engine, mask_ratio=MASK_RATIO, seed=seed)
+        picture = panels_picture(res.panels, MASK_RATIO, res.norm_pix_loss, row_labels=res.row_labels())
+        picture_path = out / f"reconstruction_{engine}.png"
+        save_picture(picture, picture_path)
+        baseline = mean_colour_baseline_psnr(res.panels.original, res.mask, res.config.patch_size)
+        recon[engine] = {
+            "picture": str(picture_path),
+            "psnr_db": float(np.mean(res.metrics.psnr)),
+            "baseline_psnr_db": float(np.mean(baseline)),
+            "per_image_psnr_db": {n: float(v) for n, v in zip(res.names, res.metrics.psnr, strict=True)},
+            "pred": res.pred,
+        }
+    recon["onnx_vs_torch_max_abs_pred"] = float(np.max(np.abs(recon["onnx"].pop("pred") - recon["torch"].pop("pred"))))
+    summary["reconstruction"] = recon
+
+    # 5. Embedding -------------------------------------------------------------------------------------------
+    console.rule("[bold]5/6 embedding every photo")
+    from mae.runtime.embed import embed
+
+    embed_dir = out / "embeddings"
+    embed_summary = embed(
+        out / "photos", bundle_dir, embed_dir, engine="onnx", pool="cls", batch_size=8, workers=1, progress=progress
+    )
+    summary["embedding"] = {"out": str(embed_dir), "summary": embed_summary}
+
+    # 6. Benchmark -------------------------------------------------------------------------------------------
+    console.rule("[bold]6/6 engine benchmark (encoder, batch 8)")
+    from mae.runtime.bench import bench
+
+    rows = bench(
+        str(bundle_dir),
+        engines=("torch", "onnx", "onnx-int8", "openvino"),
+        batch_size=8,
+        mask_ratios=(MASK_RATIO, 0.0),
+        seconds=2.0 if minutes >= 1 else 0.5,  # short runs (tests) time briefly
+        seed=seed,
+        progress=progress,
+    )
+    summary["bench"] = rows
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["summary_json"] = str(out / "summary.json")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    print_summary(summary, console)
+    return summary
+
+
+def export_parity(verification: dict[str, Any]) -> list[tuple[str, float, bool]]:
+    """(precision graph, largest |diff| against PyTorch, passed) for every verified graph of the bundle."""
+    rows = []
+    for precision, graphs in verification.items():
+        for graph, report in graphs.items():
+            if isinstance(report, dict) and report.get("max_abs_diff") is not None:
+                rows.append((f"{precision} {graph}", float(report["max_abs_diff"]), bool(report.get("passed"))))
+    return rows
+
+
+def print_summary(summary: dict[str, Any], console) -> None:  # noqa: ANN001 - rich Console
+    from rich.table import Table
+
+    table = Table(title=f"mae demo (seed {summary['seed']})", show_header=True, header_style="bold")
+    table.add_column("step")
+    table.add_column("result")
+    train = summary["training"]
+    table.add_row(
+        "training",
+        f"{train['preset']}, {train['steps']} steps ({train['epochs']} epochs) in {train['seconds']:.0f} s, "
+        f"{train['images_per_s']:.0f} img/s; final loss {train['final_loss']:.4f}",
+    )
+    for name, diff, passed in export_parity(summary["export"]["verification"]):
+        table.add_row(f"export {name}", f"max |ONNX - PyTorch| {diff:.2e} ({'verified' if passed else 'FAILED'})")
+    recon = summary["reconstruction"]
+    for engine in ("onnx", "torch"):
+        table.add_row(
+            f"held-out PSNR, {engine}",
+            f"{recon[engine]['psnr_db']:.2f} dB on removed patches (mean-colour baseline "
+            f"{recon[engine]['baseline_psnr_db']:.2f} dB)",
+        )
+    table.add_row("onnx vs torch", f"max |pred difference| {recon['onnx_vs_torch_max_abs_pred']:.2e}")
+    emb = summary["embedding"]["summary"]
+    counts = emb.get("counts", {})
+    table.add_row("embedding", f"{counts.get('embedded', '?')} photos embedded, {counts.get('failed', 0)} failed")
+    for row in summary["bench"]:
+        label = f"bench {row['engine']}, mask {row['mask_ratio']:g}"
+        if row.get("error"):
+            table.add_row(label, f"not run: {row['error']}")
+        else:
+            table.add_row(
+                label,
+                f"{row['images_per_s']:.0f} img/s ({row['ratio_vs_torch']:.2f}x torch fp32), "
+                f"cosine {row['cosine_cls']:.5f}",
+            )
+    table.add_row("reconstructions", "\n".join(recon[e]["picture"] for e in ("onnx", "torch")))
+    table.add_row("loss curve", train["loss_curve"])
+    table.add_row("embeddings", summary["embedding"]["out"])
+    table.add_row("bundle", summary["export"]["bundle"])
+    table.add_row("summary", summary["summary_json"])
+    table.add_row("total time", f"{summary['seconds']:.0f} s")
+    console.print(table)
