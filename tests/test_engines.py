@@ -268,3 +268,26 @@ def test_onnx_and_openvino_paths_never_import_torch(tiny_bundle, photo_dir):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_ctrl_c_after_an_openvino_engine_is_gone_raises_instead_of_crashing(tiny_bundle, photo_dir):
+    """OpenVINO's CPU plugin swaps the loading thread's signal stack and frees it with the plugin: without the
+    engine's guard a later Ctrl-C (SIGINT) killed the process with a segmentation fault."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from mae.runtime.reconstruct import reconstruct
+        photos = sorted(Path({str(photo_dir)!r}).iterdir())[:2]
+        reconstruct(photos, {str(tiny_bundle.path)!r}, engine="openvino")  # its engines are freed on return
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            print("interrupted")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "interrupted", (done.returncode, done.stderr[-2000:])

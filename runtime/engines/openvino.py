@@ -7,7 +7,10 @@ concurrently on the streams OpenVINO made: with a single synchronous request in 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -34,6 +37,33 @@ def _type_name(value: object) -> str:
     """OpenVINO reports precisions as `ov.Type` (bf16, f32) or plain strings."""
     to_string = getattr(value, "to_string", None)
     return to_string() if callable(to_string) else str(value)
+
+
+@contextlib.contextmanager
+def _keep_signal_stack() -> Iterator[None]:
+    """Restore the calling thread's alternate signal stack after OpenVINO calls.
+
+    OpenVINO's CPU plugin (seen with 2026.4 on Linux) installs an alternate signal stack on the thread that loads
+    it and frees that memory when the plugin is unloaded; a later signal such as Ctrl-C, delivered on the freed
+    stack, then kills the process with a segmentation fault instead of raising KeyboardInterrupt.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = StackT()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
 
 
 class OpenVINOEngine:
@@ -68,38 +98,39 @@ class OpenVINOEngine:
         self.bundle = load_bundle(model, "openvino")
         self.config = self.bundle.config
         self.graph_path = self.bundle.graph(part, precision)
-        self.core = ov.Core()
-        # "auto" / "cpu" as the other engines spell them; OpenVINO names such as "GPU" pass through.
-        self.device = "CPU" if device.lower() in ("auto", "cpu") else device.upper()
-        if self.device not in self.core.available_devices:
-            raise MAEError(
-                f"OpenVINO has no device {device!r} here (it has: {', '.join(self.core.available_devices)}).",
-                hint="use the CPU device",
-            )
-        try:
-            self.model = self.core.read_model(str(self.graph_path))
-        except RuntimeError as exc:
-            raise MAEError(f"OpenVINO cannot read {self.graph_path}: {exc}", hint="re-run `mae export`") from exc
-        names = {port.get_any_name() for port in self.model.inputs}
-        if not set(INPUT_NAMES[part]) <= names:
-            raise MAEError(f"{self.graph_path} is not an MAE {part} graph (inputs {sorted(names)}).")
+        with _keep_signal_stack():  # loading the CPU plugin replaces this thread's signal stack
+            self.core = ov.Core()
+            # "auto" / "cpu" as the other engines spell them; OpenVINO names such as "GPU" pass through.
+            self.device = "CPU" if device.lower() in ("auto", "cpu") else device.upper()
+            if self.device not in self.core.available_devices:
+                raise MAEError(
+                    f"OpenVINO has no device {device!r} here (it has: {', '.join(self.core.available_devices)}).",
+                    hint="use the CPU device",
+                )
+            try:
+                self.model = self.core.read_model(str(self.graph_path))
+            except RuntimeError as exc:
+                raise MAEError(f"OpenVINO cannot read {self.graph_path}: {exc}", hint="re-run `mae export`") from exc
+            names = {port.get_any_name() for port in self.model.inputs}
+            if not set(INPUT_NAMES[part]) <= names:
+                raise MAEError(f"{self.graph_path} is not an MAE {part} graph (inputs {sorted(names)}).")
 
-        self.num_requests = max(1, int(num_requests))
-        self.static_shapes = static_shapes
-        self.compile_config: dict[str, object] = {
-            "PERFORMANCE_HINT": "THROUGHPUT" if self.num_requests > 1 else "LATENCY"
-        }
-        if INFERENCE_PRECISIONS[inference_precision]:
-            self.compile_config["INFERENCE_PRECISION_HINT"] = INFERENCE_PRECISIONS[inference_precision]
-        if num_threads:
-            self.compile_config["INFERENCE_NUM_THREADS"] = int(num_threads)
-        # shape key -> (compiled model, its infer requests); least recently used first.
-        self._compiled: OrderedDict[tuple, tuple[object, list]] = OrderedDict()
-        self._version = ov.__version__.split("-")[0]
-        chosen = self.compile_config.get("INFERENCE_PRECISION_HINT") or self.core.get_property(
-            self.device, "INFERENCE_PRECISION_HINT"
-        )
-        self._set_description(_type_name(chosen), streams=None)
+            self.num_requests = max(1, int(num_requests))
+            self.static_shapes = static_shapes
+            self.compile_config: dict[str, object] = {
+                "PERFORMANCE_HINT": "THROUGHPUT" if self.num_requests > 1 else "LATENCY"
+            }
+            if INFERENCE_PRECISIONS[inference_precision]:
+                self.compile_config["INFERENCE_PRECISION_HINT"] = INFERENCE_PRECISIONS[inference_precision]
+            if num_threads:
+                self.compile_config["INFERENCE_NUM_THREADS"] = int(num_threads)
+            # shape key -> (compiled model, its infer requests); least recently used first.
+            self._compiled: OrderedDict[tuple, tuple[object, list]] = OrderedDict()
+            self._version = ov.__version__.split("-")[0]
+            chosen = self.compile_config.get("INFERENCE_PRECISION_HINT") or self.core.get_property(
+                self.device, "INFERENCE_PRECISION_HINT"
+            )
+            self._set_description(_type_name(chosen), streams=None)
 
     def _set_description(self, inference_precision: str, streams: object) -> None:
         streams_text = f", {streams} streams" if streams is not None else ""
@@ -120,10 +151,11 @@ class OpenVINOEngine:
             model = self.model.clone()
             model.reshape({name: list(shape) for name, shape in shapes.items()})
         try:
-            compiled = self.core.compile_model(model, self.device, self.compile_config)
+            with _keep_signal_stack():
+                compiled = self.core.compile_model(model, self.device, self.compile_config)
+                requests = [compiled.create_infer_request() for _ in range(self.num_requests)]
         except RuntimeError as exc:
             raise MAEError(f"OpenVINO cannot compile {self.graph_path} for shapes {shapes}: {exc}") from exc
-        requests = [compiled.create_infer_request() for _ in range(self.num_requests)]
         self._compiled[key] = (compiled, requests)
         if len(self._compiled) > MAX_COMPILED_SHAPES:
             self._compiled.popitem(last=False)
