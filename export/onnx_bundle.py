@@ -108,14 +108,11 @@ def load_source(
 
 def bundle_source_path(bundle: Bundle) -> Path:
     """The weights file a bundle was exported from, or an error saying it is gone."""
-    source = (bundle.manifest.get("source") or {}).get("path")
-    path = Path(source) if source else None
-    if path is not None and not path.is_absolute():
-        path = bundle.path / path
-    if path is None or not path.exists():
+    path = bundle.source_path()
+    if path is None:
         raise MAEError(
             f"Adding graphs to {bundle.path} needs the weights it was exported from, and they are not at "
-            f"{source or '(no source recorded)'}.",
+            f"{bundle.recorded_source or '(no source recorded)'}.",
             hint="pass the weights file itself: mae export WEIGHTS --out BUNDLE --precision ...",
         )
     return path

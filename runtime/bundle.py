@@ -9,7 +9,7 @@
       "preprocessing": {"size": 224, "resize": "center", "crop_pct": 0.875, "interpolation": "bicubic",
                         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
       "source": {"path": "...", "format": "mae-checkpoint" | "official" | "huggingface", "sha256": "..."},
-      "opset": 18, "exporter": "torchscript",
+      "opset": 18, "exporter": "dynamo",
       "graphs": {"fp32": {"encoder": {"file": "encoder.onnx", "sha256": "...", "bytes": 123}, "decoder": {...}},
                  "fp16": {...}, "int8": {"encoder": {...}}},          # decoder may be absent (encoder-only)
       "engines": {"fp16": {"encoder": {"file": "encoder.fp16.engine", "sidecar": "encoder.fp16.engine.json"}}},
@@ -25,9 +25,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mae import __version__
 from mae.config import MAEConfig
@@ -113,6 +114,19 @@ class Bundle:
             raise MAEError(f"{graph_path} is listed in {BUNDLE_FILE} but missing.", hint="re-run `mae export`")
         return graph_path
 
+    @property
+    def recorded_source(self) -> str | None:
+        """The source weights' path as recorded in mae.json (relative paths are relative to the bundle)."""
+        return (self.manifest.get("source") or {}).get("path")
+
+    def source_path(self) -> Path | None:
+        """The weights the bundle was exported from, or None when none is recorded or the file is gone."""
+        source = self.recorded_source
+        if not source:
+            return None
+        path = Path(source) if Path(source).is_absolute() else self.path / source
+        return path if path.exists() else None
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> Bundle:
         path = Path(path)
@@ -166,21 +180,43 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename: never a half-written file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """`write(handle)` into a temporary file beside `path`, fsync, rename over `path`, fsync the folder.
+
+    Never a half-written file under `path`, even after a kill: readers see the old file or the whole new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the result should look like any new file
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

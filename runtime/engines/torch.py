@@ -36,14 +36,11 @@ def bundle_source(model: object) -> Path | None:
     if not is_bundle(Path(str(model))):
         return None
     bundle = Bundle.load(Path(str(model)))
-    source = (bundle.manifest.get("source") or {}).get("path")
-    source_path = Path(source) if source else None
-    if source_path is not None and not source_path.is_absolute():
-        source_path = bundle.path / source_path
-    if source_path is None or not source_path.exists():
+    source_path = bundle.source_path()
+    if source_path is None:
         raise MAEError(
             f"The torch engine needs the weights that bundle {bundle.path} was exported from, and they are not at "
-            f"{source or '(no source recorded)'}.",
+            f"{bundle.recorded_source or '(no source recorded)'}.",
             hint="pass the weights file itself with --model",
         )
     return source_path
