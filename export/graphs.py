@@ -10,10 +10,6 @@ shapes symbolically (`kept + 1`, a fixed L), and it is the exporter torch still 
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -21,6 +17,7 @@ import torch
 from torch import nn
 
 from mae.errors import MAEError
+from mae.export.progress import quiet
 from mae.model import MaskedAutoencoder
 
 DEFAULT_OPSET = 18
@@ -93,21 +90,6 @@ def check_opset(opset: int | None) -> int:
     return int(opset)
 
 
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The exporter logs optional-dependency notes (torchvision ops) and warns about internals: not the user's
-    business. Errors still propagate."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def export_graph(model: MaskedAutoencoder, part: str, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """One graph of `model` (eval mode, fp32, CPU) as an ONNX ModelProto, batch and token axes dynamic."""
     cfg = model.cfg
@@ -137,7 +119,7 @@ def export_graph(model: MaskedAutoencoder, part: str, opset: int = DEFAULT_OPSET
     input_names, output_names = GRAPH_IO[part]
     module.eval()
     try:
-        with _quiet_exporter(), torch.no_grad():
+        with quiet("torch.onnx"), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 args,

@@ -15,34 +15,16 @@ attention score MatMuls (no constant weight) and everything else stay fp32.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import warnings
 from pathlib import Path
 
 import onnx
 
 from mae.errors import MAEError, require
+from mae.export.progress import quiet
 
 FP32_ISLANDS = ("LayerNormalization", "Softmax")  # kept in fp32 inside the fp16 graph
 INT8_OPS = ("MatMul",)
-
-
-@contextlib.contextmanager
-def _quiet() -> None:
-    """The converters warn about each value they clamp or skip; our verification is the judge of the result."""
-    loggers = [logging.getLogger(name) for name in ("onnxruntime", "root")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -52,7 +34,7 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    with _quiet():
+    with quiet("onnxruntime", "root"):
         converted = convert_float_to_float16(
             copy,
             keep_io_types=True,  # float32 in and out, Casts inside
@@ -98,7 +80,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     require("onnxruntime", "cpu", "The int8 export")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
+    with quiet("onnxruntime", "root"):
         quantize_dynamic(
             model_input=os.fspath(fp32_path),
             model_output=os.fspath(int8_path),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,3 +44,23 @@ class Steps:
     def note(self, text: str) -> None:
         if self.enabled:
             self.console.print(text)
+
+
+@contextlib.contextmanager
+def quiet(*logger_names: str) -> Iterator[None]:
+    """Silence warnings and the named loggers below ERROR; errors still propagate.
+
+    The exporter logs optional-dependency notes (torchvision ops) and the converters warn about each value they
+    clamp or skip: not the user's business, since verification judges the result.
+    """
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
