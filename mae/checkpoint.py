@@ -61,6 +61,11 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if re.search(r"Unsupported operand|invalid load key", str(exc)):  # not a pickle at all (an image, text...)
+            raise MAEError(
+                f"Cannot read {path}: it is not a PyTorch (torch.save) file.",
+                hint="pass a checkpoint, an official MAE .pth, a HF ViTMAE folder or a bundle",
+            ) from exc
         refused = _refused_global(exc)
         what = f" ({refused})" if refused else ""
         raise MAEError(

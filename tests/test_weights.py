@@ -82,6 +82,19 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path: Path, tiny_model: Mask
         assert not marker.exists()
 
 
+def test_a_file_that_is_no_pickle_is_not_called_dangerous(tmp_path: Path) -> None:
+    from PIL import Image
+
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights")
+    for path in (picture, text):
+        with pytest.raises(MAEError, match="not a PyTorch") as error:
+            safe_torch_load(path)
+        assert "Refusing" not in str(error.value)
+
+
 def test_official_training_checkpoint_with_args(tmp_path: Path, tiny_model: MaskedAutoencoder) -> None:
     """The official main_pretrain.py stores its argparse.Namespace in `args`: readable, and it says norm_pix_loss."""
     args = argparse.Namespace(model="mae_vit_test_patch8", norm_pix_loss=True, mask_ratio=0.6, input_size=32)
