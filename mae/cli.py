@@ -93,6 +93,13 @@ def train(
     precision: Annotated[Precision, typer.Option(help="fp32, bf16 autocast (CPU/GPU), fp16 + scaler (CUDA).")] = (
         Precision.fp32
     ),
+    allow_emulated_bf16: Annotated[
+        bool,
+        typer.Option(
+            "--allow-emulated-bf16",
+            help="Run --precision bf16 on a CPU without bf16 instructions anyway (many times slower than fp32).",
+        ),
+    ] = False,
     init: Annotated[Path | None, typer.Option(help="Start from these weights (any format mae reads).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/mae"),
@@ -154,6 +161,10 @@ def reconstruct(
     out: Annotated[Path, typer.Option(help="Output PNG (one image) or directory.")] = Path("reconstructions"),
     save_arrays: Annotated[Path | None, typer.Option(help="Write pred, mask, ids_restore, latent (.npz).")] = None,
     device: Annotated[str, typer.Option(help="torch engine: auto, cpu or cuda.")] = "auto",
+    allow_emulated_bf16: Annotated[
+        bool,
+        typer.Option("--allow-emulated-bf16", help="torch bf16 on a CPU without bf16 instructions anyway (slow)."),
+    ] = False,
 ) -> None:
     """Reconstruct masked images: original | masked | reconstruction | reconstruction + visible."""
     options = dict(locals())  # before the import below adds a name

@@ -55,6 +55,7 @@ from mae.data import (
 from mae.distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
 from mae.errors import MAEError
 from mae.model import MaskedAutoencoder, count_parameters
+from mae.runtime import hardware
 from mae.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, atomic_write_bytes, atomic_write_text
 
 DEFAULT_PRESET = "mae_vit_base_patch16"
@@ -100,6 +101,7 @@ class TrainOptions:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True  # the paper's better target (per-patch normalized pixels)
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (autocast + GradScaler, CUDA)
+    allow_emulated_bf16: bool = False  # bf16 on a CPU without bf16 instructions (many times slower than fp32)
     init: Path | None = None  # start from these weights (any format mae.weights reads); architecture from them
     resume: bool = False  # continue OUT/checkpoint.pt
     out: Path = Path("runs/mae")
@@ -196,10 +198,13 @@ def _check_options(opts: TrainOptions, device: torch.device) -> None:
         raise MAEError(
             "fp16 training needs a CUDA GPU (fp16 autocast with a gradient scaler); this run is on the "
             f"{device.type.upper()}.",
-            hint="use --precision bf16 (fast on CPUs with AMX / AVX-512 BF16) or fp32",
+            hint="use --precision fp32, or bf16 on a CPU with bf16 instructions (AMX / AVX512-BF16)",
         )
     if opts.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise MAEError("This GPU does not support bf16.", hint="use --precision fp16 or fp32")
+    if opts.precision == "bf16" and device.type == "cpu":
+        # Emulated bf16 (AVX2-only CPUs) runs many times slower than fp32: stop now, not after hours.
+        hardware.require_native_bf16("--precision bf16 (training)", allow_emulated=opts.allow_emulated_bf16)
 
 
 def _options_dict(opts: TrainOptions) -> dict[str, Any]:

@@ -219,6 +219,7 @@ def reconstruct(
     batch_size: int = 16,
     engines: tuple[Engine, Engine] | None = None,
     progress: bool = False,
+    allow_emulated_bf16: bool = False,
 ) -> ReconstructionResult:
     """Reconstruct images (files, uint8 [H, W, 3] arrays or Pillow images) with `model`.
 
@@ -226,6 +227,7 @@ def reconstruct(
     ([N, L] array or .npy, smallest kept, as Hugging Face's `noise`) or else from numpy noise seeded by `seed`.
     engines: an (encoder, decoder) pair from `create_engines`, to reuse across calls.
     progress: a progress bar over the batches (when there is more than one).
+    allow_emulated_bf16: torch bf16 on a CPU without bf16 instructions (refused otherwise, as it is very slow).
     """
     if not images:
         raise MAEError("No images to reconstruct.")
@@ -240,7 +242,7 @@ def reconstruct(
 
     notes = list(resolved.notes)
     if engines is None:
-        options = {"provider": provider, "device": device or "auto"}
+        options = {"provider": provider, "device": device or "auto", "allow_emulated_bf16": allow_emulated_bf16}
         encoder, decoder, engine_notes = _create_engines(resolved, engine, precision, options)
         notes += engine_notes
     else:
@@ -330,6 +332,7 @@ def run_reconstruct(
     out: Path = Path("reconstructions"),
     save_arrays: Path | None = None,
     device: str = "auto",
+    allow_emulated_bf16: bool = False,
 ) -> ReconstructionResult:
     """`mae reconstruct`: write the 4-panel pictures (and arrays), print PSNR / MSE on the removed patches."""
     from rich.console import Console
@@ -348,6 +351,7 @@ def run_reconstruct(
         provider=value(provider),
         device=value(device),
         progress=True,
+        allow_emulated_bf16=allow_emulated_bf16,
     )
     out = Path(out)
     targets = picture_paths(result.names, out)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mae.errors import MAEError
+from mae.runtime import hardware
 from mae.runtime.engines.base import OUTPUT_NAMES, check_inputs
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -67,7 +68,11 @@ def save_random_weights(config, path: str | Path, seed: int = 0, decoder: bool =
 
 
 class TorchEngine:
-    """One graph of the PyTorch model, fp32 or bf16 (fp16 on CUDA), on CPU or CUDA."""
+    """One graph of the PyTorch model, fp32 or bf16 (fp16 on CUDA), on CPU or CUDA.
+
+    allow_emulated_bf16: run bf16 on a CPU without bf16 instructions anyway (refused otherwise: emulated, it is
+    many times slower than fp32).
+    """
 
     name = "torch"
 
@@ -78,6 +83,7 @@ class TorchEngine:
         precision: str = "fp32",
         device: str = "cpu",
         num_threads: int | None = None,
+        allow_emulated_bf16: bool = False,
     ) -> None:
         try:
             import torch
@@ -92,7 +98,12 @@ class TorchEngine:
             raise MAEError(f"The torch engine runs fp32, bf16 or fp16, not {precision!r}.")
         self.device = resolve_device(torch, device)
         if precision == "fp16" and not self.device.startswith("cuda"):
-            raise MAEError("fp16 in the torch engine needs CUDA.", hint="use --precision bf16 on CPUs")
+            raise MAEError(
+                "fp16 in the torch engine needs CUDA.",
+                hint="use --precision fp32 (or bf16 on a CPU with bf16 instructions: AMX / AVX512-BF16)",
+            )
+        if precision == "bf16" and self.device == "cpu":
+            hardware.require_native_bf16("bf16 in the torch engine", allow_emulated=allow_emulated_bf16)
         if num_threads:
             torch.set_num_threads(int(num_threads))  # process-wide, as PyTorch has no per-model setting
 

@@ -1,0 +1,215 @@
+"""What this machine's CPU (and GPU) can do, for the choices that depend on it: bf16, int8, the engine `auto` picks.
+
+The project's machines are not all one CPU: an Intel Sapphire Rapids class (AVX-512, VNNI, AMX-BF16/INT8) and an
+AMD EPYC Zen 3 class (AVX2 only) have both been seen. Nothing here assumes either; every decision that differs by
+instruction set goes through `CpuInfo`, so tests can hand in any CPU. Torch-free (numpy is not even needed).
+
+int8 classes (how integer GEMMs run in ONNX Runtime's MLAS and oneDNN):
+- "amx": AMX-INT8 tiles (TDPBUSD, exact int32 accumulation).
+- "vnni": AVX-512 VNNI or AVX-VNNI (VPDPBUSD, exact int32 accumulation).
+- "avx512" / "avx2": no VNNI: u8 x s8 products are summed in pairs into int16 with saturation (VPMADDUBSW), so
+  weights must stay within 7 bits for the results to be exact (see `mae.export.precision`).
+- "baseline": anything else (older x86, ARM without dot-product instructions).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from mae.errors import MAEError
+
+# The flags that change what runs fast or right here, in the order they are reported.
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    # aarch64 (/proc/cpuinfo "Features")
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "bf16",
+    "sve",
+)
+FLAG_NAMES = {
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "avx512f": "AVX-512",
+    "avx512bw": "AVX-512BW",
+    "avx512_vnni": "AVX512-VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "avx512_bf16": "AVX512-BF16",
+    "avx512_fp16": "AVX512-FP16",
+    "amx_tile": "AMX",
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+    "asimd": "NEON",
+    "asimddp": "DOTPROD",
+    "i8mm": "I8MM",
+    "bf16": "BF16",
+    "sve": "SVE",
+}
+INT8_CLASSES = ("amx", "vnni", "avx512", "avx2", "baseline")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    flags: frozenset[str] = field(default_factory=frozenset)
+    machine: str = ""  # platform.machine(): x86_64, aarch64, arm64, ...
+    threads: int = 1  # CPUs this process may run on
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 arithmetic in hardware (x86: AVX512-BF16 or AMX-BF16; ARM: the BF16 extension)."""
+        return bool(self.flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+    @property
+    def int8_class(self) -> str:
+        """One of INT8_CLASSES (see the module docstring)."""
+        if "amx_int8" in self.flags:
+            return "amx"
+        if self.flags & {"avx512_vnni", "avx_vnni"}:
+            return "vnni"
+        if "avx512bw" in self.flags:
+            return "avx512"
+        if "avx2" in self.flags:
+            return "avx2"
+        return "baseline"
+
+    @property
+    def isa(self) -> list[str]:
+        """The flags that matter, by their usual names: ["AVX2", "AVX-512", "AVX512-VNNI", "AMX-INT8", ...]."""
+        return [FLAG_NAMES[flag] for flag in ISA_FLAGS if flag in self.flags]
+
+    def describe(self) -> str:
+        """'Intel(R) Xeon(R) Processor (AVX2, FMA, AVX-512, ..., AMX-INT8), 2 threads'."""
+        isa = ", ".join(self.isa) or "no AVX2"
+        return f"{self.model} ({isa}), {self.threads} threads"
+
+    def to_dict(self) -> dict[str, object]:
+        """What a bundle records about the CPU an int8 graph was verified on."""
+        return {
+            "model": self.model,
+            "machine": self.machine,
+            "isa": self.isa,
+            "int8_class": self.int8_class,
+            "native_bf16": self.native_bf16,
+        }
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """(model name, flags) from the text of /proc/cpuinfo: the first processor's "model name" and "flags" (x86) or
+    "Hardware"/"CPU model" and "Features" (ARM); ("", empty) for text that has neither."""
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+        if model and flags:
+            break
+    return model, frozenset(flags)
+
+
+def _read_cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) from /proc/cpuinfo; ("", empty) where there is none (macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            return parse_cpuinfo(handle.read())
+    except OSError:
+        return "", frozenset()
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    """This machine's CPU, read once."""
+    model, flags = _read_cpuinfo()
+    return CpuInfo(
+        model=model or platform.processor() or platform.machine() or "unknown CPU",
+        flags=flags,
+        machine=platform.machine(),
+        threads=_threads(),
+    )
+
+
+def require_native_bf16(purpose: str, cpu: CpuInfo | None = None, allow_emulated: bool = False) -> None:
+    """Stop before a bf16 run on a CPU that would emulate it (minutes for what fp32 does in seconds).
+
+    purpose: what was asked for, e.g. "--precision bf16 (training)". allow_emulated: the user insisted.
+    """
+    cpu = cpu or cpu_info()
+    if cpu.native_bf16 or allow_emulated:
+        return
+    raise MAEError(
+        f"{purpose} on this CPU ({cpu.model}; {', '.join(cpu.isa) or 'no AVX2'}) would be emulated: it has no "
+        "bf16 instructions (AVX512-BF16 or AMX-BF16), and emulated bf16 is many times slower than fp32.",
+        hint="use --precision fp32 (or int8 graphs for inference); add --allow-emulated-bf16 to run it anyway",
+    )
+
+
+@dataclass(frozen=True)
+class GpuSummary:
+    name: str
+    source: str  # what found it: cuda-python, nvidia-smi
+
+
+def cuda_gpus() -> list[GpuSummary]:
+    """The CUDA GPUs visible here, found without torch: cuda-python when installed, else `nvidia-smi -L`.
+
+    A driver that fails to initialize counts as no GPU.
+    """
+    for module_name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            import importlib
+
+            cudart = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        try:
+            error, count = cudart.cudaGetDeviceCount()
+            if int(error) != 0:
+                return []
+            gpus = []
+            for index in range(count):
+                error, properties = cudart.cudaGetDeviceProperties(index)
+                name = properties.name if int(error) == 0 else b"CUDA GPU"
+                name = name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)
+                gpus.append(GpuSummary(name, "cuda-python"))
+            return gpus
+        except Exception:
+            return []
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if listing.returncode != 0:
+        return []
+    return [
+        GpuSummary(line.split(":", 1)[1].split("(UUID")[0].strip(), "nvidia-smi")
+        for line in listing.stdout.splitlines()
+        if line.startswith("GPU ") and ":" in line
+    ]
