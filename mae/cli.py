@@ -235,11 +235,24 @@ def bench(
 # --------------------------------------------------------------------------------------------------- info
 @app.command()
 def info(
-    path: Annotated[Path, typer.Argument(help="Weights (checkpoint, official .pth, HF dir) or a bundle.")],
+    path: Annotated[
+        Path | None, typer.Argument(help="Weights (checkpoint, official .pth, HF dir) or a bundle.")
+    ] = None,
+    system: Annotated[
+        bool, typer.Option("--system", help="Describe this machine: CPU, ISA, bf16/int8, GPUs, installed engines.")
+    ] = False,
     num_heads: Annotated[int | None, typer.Option()] = None,
     decoder_num_heads: Annotated[int | None, typer.Option()] = None,
 ) -> None:
-    """Describe weights or a bundle: format, architecture, parameters, decoder, norm_pix_loss."""
+    """Describe weights or a bundle (format, architecture, parameters, decoder, norm_pix_loss), or this machine."""
+    if path is None and not system:
+        raise MAEError("Nothing to describe.", hint="pass weights or a bundle (mae info PATH), or mae info --system")
+    if system:
+        from mae.runtime.system import print_system_report
+
+        print_system_report()
+    if path is None:
+        return
     from mae.runtime.bundle import is_bundle
 
     if is_bundle(path):

@@ -181,3 +181,38 @@ def test_reconstruct_cli_refuses_emulated_bf16(on_cpu, monkeypatch, capsys, weig
         monkeypatch, capsys, *args, "--device", "cpu", "--out", str(tmp_path / "r.png"), "--allow-emulated-bf16"
     )
     assert code == 0 and (tmp_path / "r.png").is_file(), text
+
+
+# --------------------------------------------------------------------------------------------- info --system
+def test_installed_engines_are_the_importable_ones():
+    import onnxruntime
+
+    from mae.runtime.system import PACKAGES, installed_engines
+
+    engines = installed_engines()
+    assert engines["onnxruntime"] == onnxruntime.__version__ and engines["torch"] == torch.__version__
+    assert set(engines) <= set(PACKAGES)
+    assert list(engines) == [name for name in PACKAGES if name in engines]  # the report's order
+
+
+def test_info_system_reports_the_cpu_and_engines(on_cpu, monkeypatch, capsys):
+    from mae.runtime.system import system_report
+
+    on_cpu(ZEN3)
+    report = system_report()
+    assert report["cpu"]["model"] == ZEN3.model and report["cpu"]["int8_class"] == "avx2"
+    assert report["cpu"]["native_bf16"] is False and report["cpu"]["threads"] == 2
+    assert "CPUExecutionProvider" in report["engines"]["onnxruntime"]["providers"]
+    assert isinstance(report["engines"]["torch"]["cuda_available"], bool)
+
+    code, text = run_cli(monkeypatch, capsys, "info", "--system")
+    assert code == 0 and "AMD EPYC 7B13" in text and "onnxruntime" in text and "avx2" in text
+    assert "would be emulated" in text and "Traceback" not in text
+    on_cpu(SAPPHIRE_RAPIDS)
+    code, text = run_cli(monkeypatch, capsys, "info", "--system")
+    assert code == 0 and "AMX-INT8" in text and "native" in text
+
+
+def test_info_needs_a_path_or_system(monkeypatch, capsys):
+    code, text = run_cli(monkeypatch, capsys, "info")
+    assert code == 2 and "Nothing to describe" in text and "--system" in text and "Traceback" not in text

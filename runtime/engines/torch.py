@@ -67,6 +67,18 @@ def save_random_weights(config, path: str | Path, seed: int = 0, decoder: bool =
     return Path(path)
 
 
+def torch_details() -> dict[str, object]:
+    """What PyTorch sees here, for `mae info --system` and `mae bench`: the CUDA it was built for, and GPUs."""
+    import torch
+
+    available = torch.cuda.is_available()
+    return {
+        "cuda_build": torch.version.cuda,  # None for CPU-only builds
+        "cuda_available": available,
+        "cuda_devices": torch.cuda.device_count() if available else 0,
+    }
+
+
 class TorchEngine:
     """One graph of the PyTorch model, fp32 or bf16 (fp16 on CUDA), on CPU or CUDA.
 

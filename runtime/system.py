@@ -1,0 +1,168 @@
+"""`mae info --system`: this machine's CPU, CUDA GPUs and installed engines, for engine choices and bug reports.
+
+Torch-free: versions come from package metadata, and PyTorch's view of CUDA is asked (through the torch engine's
+module) only when torch is installed. A package that is installed but fails to load is reported with its error
+instead of stopping the report.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mae.runtime import hardware
+
+
+@dataclass(frozen=True)
+class _Package:
+    module: str  # import name
+    distributions: tuple[str, ...]  # pip names that install it (the CPU and GPU wheels of one module differ)
+    import_for_version: bool = False  # no pip metadata is common (e.g. TensorRT from NVIDIA's tarballs)
+
+
+# The engines and the packages that extend them, in the order they are reported.
+PACKAGES: dict[str, _Package] = {
+    "onnxruntime": _Package(
+        "onnxruntime", ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")
+    ),
+    "openvino": _Package("openvino", ("openvino", "openvino-nightly")),
+    "tensorrt": _Package("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu11"), True),
+    "torch": _Package("torch", ("torch",)),
+    "nncf": _Package("nncf", ("nncf",)),
+    "cuda-python": _Package("cuda", ("cuda-python", "cuda-bindings")),
+}
+INT8_NOTES = {
+    "amx": "AMX-INT8 tiles, exact int32 accumulation",
+    "vnni": "VNNI dot products, exact int32 accumulation",
+    "avx512": "no VNNI: u8 x s8 pairs summed into int16 with saturation (exact for 7-bit weights)",
+    "avx2": "no VNNI: u8 x s8 pairs summed into int16 with saturation (exact for 7-bit weights)",
+    "baseline": "no int8 dot-product instructions",
+}
+
+
+def _version(package: _Package) -> str | None:
+    if importlib.util.find_spec(package.module) is None:
+        return None  # metadata left behind by an uninstalled wheel does not make a module
+    for distribution in package.distributions:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if package.import_for_version:
+        try:
+            return str(importlib.import_module(package.module).__version__)
+        except Exception:
+            return "unknown version"
+    return None
+
+
+def installed_engines() -> dict[str, str]:
+    """Engine or package name -> version, for those of PACKAGES installed here: {"onnxruntime": "1.32.0", ...}."""
+    versions = {name: _version(package) for name, package in PACKAGES.items()}
+    return {name: version for name, version in versions.items() if version is not None}
+
+
+def _details(name: str) -> dict[str, Any]:
+    """What an installed engine can run on here (providers, devices, CUDA)."""
+    if name == "onnxruntime":
+        import onnxruntime
+
+        return {"providers": list(onnxruntime.get_available_providers())}
+    if name == "openvino":
+        import openvino
+
+        from mae.runtime.engines.openvino import _keep_signal_stack
+
+        with _keep_signal_stack():  # the CPU plugin swaps this thread's signal stack (see the engine)
+            core = openvino.Core()
+            devices = list(core.available_devices)
+            precision = core.get_property("CPU", "INFERENCE_PRECISION_HINT") if "CPU" in devices else None
+        to_string = getattr(precision, "to_string", None)  # an ov.Type ("bf16", "f32") or a plain string
+        cpu_precision = to_string() if callable(to_string) else (None if precision is None else str(precision))
+        return {"devices": devices, "cpu_inference_precision": cpu_precision}
+    if name == "torch":
+        from mae.runtime.engines.torch import torch_details
+
+        return torch_details()
+    return {}
+
+
+def system_report() -> dict[str, Any]:
+    """The CPU (model, ISA, int8 class, native bf16, threads), CUDA GPUs and installed engines, as plain data."""
+    import mae
+
+    cpu = hardware.cpu_info()
+    engines: dict[str, dict[str, Any]] = {}
+    for name, version in installed_engines().items():
+        try:
+            engines[name] = {"version": version, **_details(name)}
+        except Exception as exc:  # an engine that cannot load is worth reporting, not a crash of the report
+            engines[name] = {"version": version, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    return {
+        "cpu": {**cpu.to_dict(), "threads": cpu.threads},
+        "cuda_gpus": [asdict(gpu) for gpu in hardware.cuda_gpus()],
+        "engines": engines,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "toolkit_version": mae.__version__,
+    }
+
+
+def _engine_text(name: str, facts: dict[str, Any]) -> str:
+    from rich.markup import escape
+
+    if "error" in facts:
+        return f"[red]cannot load: {escape(facts['error'])}[/red]"
+    if name == "onnxruntime":
+        return "providers: " + ", ".join(p.removesuffix("ExecutionProvider") for p in facts["providers"])
+    if name == "openvino":
+        precision = facts.get("cpu_inference_precision")
+        return "devices: " + ", ".join(facts["devices"]) + (f"; CPU computes in {precision}" if precision else "")
+    if name == "torch":
+        if not facts["cuda_build"]:
+            return "CPU-only build"
+        gpus = f"{facts['cuda_devices']} CUDA GPU(s) available" if facts["cuda_available"] else "no CUDA GPU available"
+        return f"CUDA {facts['cuda_build']} build, {gpus}"
+    return ""
+
+
+def print_system_report(report: dict[str, Any] | None = None, console: Any = None) -> dict[str, Any]:
+    """`mae info --system`: print `report` (default: `system_report()`) as two tables; return it."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    report = report or system_report()
+    console = console or Console()
+    cpu = report["cpu"]
+    machine = Table(title="This machine", show_header=False, title_justify="left")
+    machine.add_column(style="bold")
+    machine.add_column(overflow="fold")
+    machine.add_row("CPU", f"{escape(cpu['model'])} ({cpu['machine'] or '?'}), {cpu['threads']} threads")
+    machine.add_row("ISA", ", ".join(cpu["isa"]) or "none of AVX2, AVX-512, AMX, NEON")
+    machine.add_row("int8", f"{cpu['int8_class']}: {INT8_NOTES.get(cpu['int8_class'], '')}")
+    machine.add_row(
+        "bf16",
+        "native (AVX512-BF16 / AMX-BF16)"
+        if cpu["native_bf16"]
+        else "no bf16 instructions: bf16 would be emulated (many times slower than fp32), so it is refused "
+        "unless --allow-emulated-bf16",
+    )
+    gpus = report["cuda_gpus"]
+    machine.add_row("CUDA GPUs", ", ".join(f"{escape(g['name'])} ({g['source']})" for g in gpus) or "none")
+    machine.add_row("Python", f"{report['python']} on {report['platform']}; mae-toolkit {report['toolkit_version']}")
+    console.print(machine)
+
+    engines = Table(title="Installed engines and packages", title_justify="left")
+    for column in ("name", "version", "runs on"):
+        engines.add_column(column, overflow="fold")
+    for name, facts in report["engines"].items():
+        engines.add_row(name, escape(str(facts["version"])), _engine_text(name, facts))
+    missing = [name for name in PACKAGES if name not in report["engines"]]
+    console.print(engines)
+    if missing:
+        console.print(f"not installed: {', '.join(missing)}", highlight=False)
+    return report
