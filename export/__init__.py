@@ -78,6 +78,9 @@ def run_export(
     max_batch: int = 64,
     opt_batch: int | None = None,
     workspace: float = 4.0,
+    calibration: Path | None = None,
+    calibration_count: int | None = None,
+    int8_min_cosine: float | None = None,
     **_: Any,
 ) -> Bundle:
     """`mae export`: check the options against the format table, export, and print what was written."""
@@ -94,6 +97,24 @@ def run_export(
             hint=f"{target.name} precisions: {', '.join(target.precisions)}",
         )
     out_dir = Path(out) if out is not None else default_out_dir(weights)
+    int8_options = [
+        name
+        for name, value in (
+            ("--calibration", calibration),
+            ("--calibration-count", calibration_count),
+            ("--int8-min-cosine", int8_min_cosine),
+        )
+        if value is not None
+    ]
+    if int8_options and precision != "int8":
+        raise MAEError(
+            f"{', '.join(int8_options)} only apply to --precision int8.", hint="add --precision int8, or leave them out"
+        )
+    if calibration is not None and not Path(calibration).exists() and not any(c in str(calibration) for c in "*?["):
+        raise MAEError(
+            f"--calibration {calibration} does not exist.",
+            hint="pass a folder of images, a text file of paths or a glob; leave it out to use the shipped photos",
+        )
 
     if target.name == "tensorrt":
         from mae.export.tensorrt import run_tensorrt_export
@@ -110,7 +131,9 @@ def run_export(
             workspace_gib=workspace,
         )
 
+    from mae.export.calibration import DEFAULT_COUNT
     from mae.export.info import print_export_summary
+    from mae.export.onnx_bundle import Int8Options
 
     bundle = export_bundle(
         weights,
@@ -120,6 +143,7 @@ def run_export(
         num_heads=num_heads,
         decoder_num_heads=decoder_num_heads,
         progress=True,
+        int8=Int8Options(calibration, calibration_count or DEFAULT_COUNT, int8_min_cosine),
     )
     print_export_summary(bundle)
     return bundle

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from mae import __version__
 from mae.config import MAEConfig
 from mae.errors import MAEError
+from mae.export.calibration import DEFAULT_COUNT, Calibration, load_calibration
 from mae.export.graphs import (
     ATTENTION_OPSET,
     DEFAULT_OPSET,
@@ -30,9 +32,17 @@ from mae.export.graphs import (
     graph_opset,
 )
 from mae.export.metadata import graph_metadata, set_metadata
-from mae.export.precision import quantize_int8, to_fp16
+from mae.export.precision import INT8_METHOD, check_int8_weight_range, quantize_int8, quantize_openvino_int8, to_fp16
 from mae.export.progress import Steps
-from mae.export.verify import TOLERANCES, TorchReference, external_data_path, graph_bytes, verify_graph
+from mae.export.verify import (
+    TOLERANCES,
+    Tolerance,
+    TorchReference,
+    external_data_path,
+    graph_bytes,
+    verify_graph,
+    verify_openvino_model,
+)
 from mae.model import MaskedAutoencoder
 from mae.runtime.bundle import (
     FORMAT,
@@ -47,6 +57,7 @@ from mae.runtime.bundle import (
 from mae.weights import LoadedWeights
 
 RESIZE_POLICIES = ("center", "squash")
+OPENVINO_INT8_FILE = "encoder.int8.xml"  # + encoder.int8.bin: the NNCF-quantized OpenVINO model
 # Above this many bytes of weights a graph keeps them in "<file>.data" beside it: protobuf cannot hold 2 GiB.
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -64,6 +75,32 @@ def precision_parts(precision: str, has_decoder: bool) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+@dataclass(frozen=True)
+class Int8Options:
+    """How the int8 encoder is made and gated (see mae.export.precision and mae.export.calibration)."""
+
+    calibration: str | os.PathLike | None = None  # images to calibrate on; None: crops of the shipped photos
+    calibration_count: int = DEFAULT_COUNT
+    min_cosine: float | None = None  # the gate on held-out images; None: TOLERANCES["int8"]
+    openvino: bool | None = None  # build the OpenVINO int8 model too; None: when openvino and nncf are installed
+    seed: int = 0
+
+    @property
+    def tolerance(self) -> Tolerance:
+        if self.min_cosine is None:
+            return TOLERANCES["int8"]
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise MAEError(f"--int8-min-cosine {self.min_cosine} must be in (0, 1].", hint="e.g. 0.999 (the default)")
+        return Tolerance(min_cosine=float(self.min_cosine))
+
+    def build_openvino(self) -> bool:
+        if self.openvino is not None:
+            return self.openvino
+        import importlib.util
+
+        return all(importlib.util.find_spec(name) is not None for name in ("openvino", "nncf"))
+
+
 def _check_precisions(precisions: Any) -> list[str]:
     if isinstance(precisions, str):
         precisions = (precisions,)
@@ -187,7 +224,20 @@ def graph_entry(path: Path) -> dict[str, Any]:
 
 
 def _files_of(entry: dict[str, Any]) -> list[str]:
-    return [entry["file"]] + ([entry["external_data"]["file"]] if "external_data" in entry else [])
+    """The files of a graph entry: the graph, its external data (ONNX) or its weights (OpenVINO IR)."""
+    extra = entry.get("external_data") or entry.get("weights")
+    return [entry["file"]] + ([extra["file"]] if extra else [])
+
+
+def openvino_entry(xml_path: Path) -> dict[str, Any]:
+    """What mae.json records about an OpenVINO IR (.xml + .bin)."""
+    weights = xml_path.with_suffix(".bin")
+    return {
+        "file": xml_path.name,
+        "sha256": sha256_file(xml_path),
+        "bytes": xml_path.stat().st_size + weights.stat().st_size,
+        "weights": {"file": weights.name, "sha256": sha256_file(weights)},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -203,6 +253,7 @@ def export_bundle(
     *,
     progress: bool = False,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
+    int8: Int8Options | None = None,
 ) -> Bundle:
     """Export `weights` into the bundle `out_dir` and return it.
 
@@ -213,9 +264,13 @@ def export_bundle(
     opset: ONNX opset (default 18; see docs/export.md). resize: "center" or "squash" pre-processing policy
         recorded in the bundle (default: "center", or the existing bundle's).
     verify: check every graph against PyTorch on real photos (module `mae.export.verify`) before writing.
+    int8: calibration images, gate and OpenVINO model of the int8 encoder (`Int8Options`).
     Encoder-only weights give an encoder-only bundle.
     """
     wanted = _check_precisions(precisions)
+    int8 = int8 or Int8Options()
+    if "int8" in wanted:
+        int8.tolerance  # noqa: B018 - a bad gate fails before the (slow) weights are read
     if resize is not None and resize not in RESIZE_POLICIES:
         raise MAEError(f"Unknown resize policy {resize!r}", hint=f"use one of: {', '.join(RESIZE_POLICIES)}")
     if opset is not None:
@@ -246,8 +301,8 @@ def export_bundle(
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; the bundle is an ordinary directory
-        graphs, reports = _export_precisions(
-            model, loaded, wanted, opset, preprocessing, staging, existing, verify, steps, external_data_bytes
+        graphs, reports, int8_record = _export_precisions(
+            model, loaded, wanted, opset, preprocessing, staging, existing, verify, steps, external_data_bytes, int8
         )
         if existing is None:
             bundle = Bundle(staging, config, preprocessing, _new_manifest(loaded, opset, model.has_decoder))
@@ -257,6 +312,17 @@ def export_bundle(
         for precision in wanted:
             manifest.setdefault("graphs", {})[precision] = graphs[precision]
             manifest.setdefault("verification", {})[precision] = reports[precision]
+        stale: list[str] = []
+        if int8_record is not None:
+            openvino_entry = int8_record.pop("openvino_encoder", None)
+            old = (manifest.get("openvino") or {}).pop("int8", None)
+            if old is not None:  # the previous int8 export's OpenVINO model, replaced or dropped
+                stale = [name for name in _files_of(old["encoder"]) if openvino_entry is None]
+            if openvino_entry is not None:
+                manifest.setdefault("openvino", {})["int8"] = {"encoder": openvino_entry}
+            if not manifest.get("openvino"):
+                manifest.pop("openvino", None)
+            manifest["int8"] = int8_record
         # Keep the manifest's precisions in their canonical order.
         manifest["graphs"] = {p: manifest["graphs"][p] for p in PRECISIONS if p in manifest["graphs"]}
         manifest["verification"] = {p: manifest["verification"][p] for p in PRECISIONS if p in manifest["verification"]}
@@ -264,11 +330,15 @@ def export_bundle(
             bundle.save()
             os.replace(staging, out_dir)  # also replaces an empty directory
         else:
-            for precision in wanted:
-                for entry in graphs[precision].values():
-                    for name in _files_of(entry):
+            entries = [entry for precision in wanted for entry in graphs[precision].values()]
+            entries += list(((manifest.get("openvino") or {}).get("int8") or {}).values()) if int8_record else []
+            for entry in entries:
+                for name in _files_of(entry):
+                    if (staging / name).exists():
                         os.replace(staging / name, out_dir / name)
             bundle.save()  # last: until here the old manifest describes the old, untouched files
+            for name in stale:
+                (out_dir / name).unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -307,10 +377,24 @@ def _export_precisions(
     verify: bool,
     steps: Steps,
     external_data_bytes: int,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Write and verify each precision's graphs into `staging`; return their mae.json entries and reports."""
+    int8: Int8Options,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """Write and verify each precision's graphs into `staging`; return their mae.json entries, reports and (with
+    int8) the int8 record, whose "openvino_encoder" is the OpenVINO model's entry when one was built."""
     config = model.cfg
     reference = TorchReference(model, preprocessing) if verify else None
+    calibration: Calibration | None = None
+    int8_reference = None
+    if "int8" in wanted:
+        with steps.step("reading int8 calibration images"):
+            calibration = load_calibration(int8.calibration, preprocessing, int8.calibration_count, int8.seed)
+        steps.note(
+            f"  calibration: {len(calibration.pixels)} images from {calibration.source}; {len(calibration.held_out)} "
+            "held out for the int8 check"
+            + (f"; {calibration.skipped} unreadable, skipped" if calibration.skipped else "")
+        )
+        if verify:
+            int8_reference = TorchReference(model, preprocessing, (calibration.held_out_names, calibration.held_out))
 
     def metadata(part: str, precision: str) -> dict[str, str]:
         return graph_metadata(
@@ -337,29 +421,81 @@ def _export_precisions(
                 else:
                     quantize_int8(fp32_path(part), path)
                     proto = onnx.load(os.fspath(path))
+                    check_int8_weight_range(proto)
                 if graph_opset(proto) != opset:
                     raise MAEError(f"The {part} graph came out at opset {graph_opset(proto)}, not {opset}.")
                 set_metadata(proto, metadata(part, precision))
                 save_graph(proto, path, external_data_bytes)
                 del proto
             seconds = time.perf_counter() - started
-            if reference is None:
+            judge = int8_reference if precision == "int8" else reference
+            tolerance = int8.tolerance if precision == "int8" else TOLERANCES[precision]
+            if judge is None:
                 report: dict[str, Any] = {"file": path.name, "bytes": graph_bytes(path), "verified": False}
             else:
-                with steps.step(f"verifying {path.name} against PyTorch ({TOLERANCES[precision].describe()})"):
-                    report = verify_graph(path, part, precision, reference)
+                with steps.step(f"verifying {path.name} against PyTorch ({tolerance.describe()})"):
+                    report = verify_graph(path, part, precision, judge, tolerance)
                 report["verified"] = True
                 steps.note(_one_line(precision, part, report))
             report["export_seconds"] = round(seconds, 3)
             graphs[precision][part] = graph_entry(path)
             reports[precision][part] = report
-        if reference is not None:
+        judge = int8_reference if precision == "int8" else reference
+        if judge is not None:
             reports[precision]["inputs"] = {
-                "images": reference.image_names,
-                "mask_ratios": sorted({case.mask_ratio for case in reference.cases}),
-                "batch_sizes": sorted({case.batch for case in reference.cases}),
+                "images": judge.image_names,
+                "mask_ratios": sorted({case.mask_ratio for case in judge.cases}),
+                "batch_sizes": sorted({case.batch for case in judge.cases}),
             }
-    return graphs, reports
+    int8_record = None
+    if calibration is not None:
+        int8_record = _int8_record(calibration, int8, verify)
+        if int8.build_openvino():
+            int8_record["openvino_encoder"] = _export_openvino_int8(
+                fp32_path("encoder"), staging, calibration, config.num_patches, int8, int8_reference, steps
+            )
+        else:
+            steps.note("  no OpenVINO int8 model: install the openvino extra (openvino + nncf) to add one")
+    return graphs, reports, int8_record
+
+
+def _int8_record(calibration: Calibration, int8: Int8Options, verified: bool) -> dict[str, Any]:
+    """mae.json's "int8": how the int8 graphs were made and where they were checked."""
+    from mae.runtime.hardware import cpu_info
+
+    return {
+        "method": dict(INT8_METHOD) if int8.build_openvino() else {"onnxruntime": INT8_METHOD["onnxruntime"]},
+        "calibration": calibration.to_dict(),
+        "min_cosine": int8.tolerance.min_cosine,
+        "verified_on": cpu_info().to_dict() if verified else None,
+    }
+
+
+def _export_openvino_int8(
+    fp32_encoder: Path,
+    staging: Path,
+    calibration: Calibration,
+    num_patches: int,
+    int8: Int8Options,
+    reference: TorchReference | None,
+    steps: Steps,
+) -> dict[str, Any]:
+    """NNCF-quantize the fp32 encoder into staging/OPENVINO_INT8_FILE, check it, and return its mae.json entry."""
+    xml_path = staging / OPENVINO_INT8_FILE
+    started = time.perf_counter()
+    with steps.step(f"quantizing the OpenVINO int8 encoder with NNCF -> {xml_path.name}"):
+        quantize_openvino_int8(fp32_encoder, xml_path, calibration.feeds(num_patches))
+    entry = openvino_entry(xml_path)
+    if reference is None:
+        report: dict[str, Any] = {"file": xml_path.name, "bytes": entry["bytes"], "verified": False}
+    else:
+        with steps.step(f"verifying {xml_path.name} against PyTorch ({int8.tolerance.describe()})"):
+            report = verify_openvino_model(xml_path, "encoder", reference, int8.tolerance)
+        report["verified"] = True
+        steps.note(_one_line("int8", "encoder (OpenVINO)", report))
+    report["export_seconds"] = round(time.perf_counter() - started, 3)
+    entry["verification"] = report
+    return entry
 
 
 def _one_line(precision: str, part: str, report: dict[str, Any]) -> str:

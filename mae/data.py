@@ -280,3 +280,34 @@ def load_preview_images(paths: Sequence[Path], img_size: int) -> tuple[np.ndarra
             skipped.append(SkippedSample(str(path), exc.reason, exc.message))
     stacked = np.stack(arrays) if arrays else np.zeros((0, 3, img_size, img_size), np.float32)
     return stacked, used, skipped
+
+
+# Colour photos shipped in scikit-image (no download) and scikit-learn; grey ones are converted to RGB.
+SKIMAGE_COLOUR = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+SKIMAGE_GREY = ("camera", "moon", "coins", "brick", "grass", "gravel", "clock", "page", "text")
+
+
+def shipped_photos() -> dict[str, np.ndarray]:
+    """Every photo scikit-image (and scikit-learn, when installed) ships, as uint8 RGB [H, W, 3], by name: real
+    photos without a download, for the demo and int8 calibration."""
+    try:
+        from skimage import data
+    except ImportError as exc:
+        raise MAEError(
+            "The shipped photos come with scikit-image, which is not installed.",
+            hint="pip install scikit-image (or pass your own images)",
+        ) from exc
+    photos: dict[str, np.ndarray] = {}
+    for name in SKIMAGE_COLOUR + SKIMAGE_GREY:
+        array = np.asarray(getattr(data, name)())
+        photos[name] = np.stack([array] * 3, axis=-1) if array.ndim == 2 else array[..., :3]
+    photos["motorcycle_left"], photos["motorcycle_right"], _ = data.stereo_motorcycle()
+    try:
+        from sklearn.datasets import load_sample_images
+
+        sample = load_sample_images()
+        for filename, array in zip(sample.filenames, sample.images, strict=True):
+            photos[Path(filename).stem] = array
+    except ImportError:  # scikit-learn is optional: scikit-image alone has enough photos
+        pass
+    return {name: np.ascontiguousarray(array, dtype=np.uint8) for name, array in photos.items()}

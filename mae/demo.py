@@ -35,10 +35,6 @@ MASK_RATIO = 0.75
 SAFETY_MINUTES = 10.0  # wall-clock stop for training only a very slow machine reaches
 PHOTO_SIDE = 256  # shorter side of the photos written for training
 
-# Colour photos shipped in scikit-image (no download) and scikit-learn; grey ones are converted to RGB.
-SKIMAGE_COLOUR = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
-SKIMAGE_GREY = ("camera", "moon", "coins", "brick", "grass", "gravel", "clock", "page", "text")
-
 
 @dataclass
 class Photo:
@@ -52,23 +48,11 @@ def gather_photos(folder: Path) -> list[Path]:
     The model sees 64 px crops, so smaller files lose nothing and keep decoding from bounding training speed.
     """
     from PIL import Image
-    from skimage import data as skdata
+
+    from mae.data import shipped_photos
 
     folder.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {}
-    for name in SKIMAGE_COLOUR + SKIMAGE_GREY:
-        array = getattr(skdata, name)()
-        arrays[name] = np.stack([array] * 3, axis=-1) if array.ndim == 2 else array[..., :3]
-    arrays["motorcycle_left"], arrays["motorcycle_right"], _ = skdata.stereo_motorcycle()
-    try:
-        from sklearn.datasets import load_sample_images
-
-        sample = load_sample_images()
-        for filename, array in zip(sample.filenames, sample.images, strict=True):
-            arrays[Path(filename).stem] = array
-    except ImportError:  # scikit-learn is optional: scikit-image alone has enough photos
-        pass
-
+    arrays = shipped_photos()
     paths = []
     for name, array in arrays.items():
         path = folder / f"{name}.png"

@@ -63,6 +63,25 @@ FLAG_NAMES = {
 }
 INT8_CLASSES = ("amx", "vnni", "avx512", "avx2", "baseline")
 
+# oneDNN (and so OpenVINO and PyTorch's CPU kernels) can be held to a lower instruction set with ONEDNN_MAX_CPU_ISA;
+# the flags each cap leaves (x86 only). Honouring it here keeps our own choices (bf16, OpenVINO's precision, the
+# engine `auto` picks) consistent with what those libraries will really run, and lets tests take the lower paths.
+_AVX2 = frozenset({"sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c"})
+_AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+ISA_CAPS: dict[str, frozenset[str]] = {
+    "SSE41": frozenset({"sse4_1"}),
+    "AVX": frozenset({"sse4_1", "sse4_2", "avx"}),
+    "AVX2": _AVX2,
+    "AVX2_VNNI": _AVX2 | {"avx_vnni"},
+    "AVX2_VNNI_2": _AVX2 | {"avx_vnni", "avx_vnni_int8", "avx_ne_convert"},
+    "AVX512_CORE": _AVX512,
+    "AVX512_CORE_VNNI": _AVX512 | {"avx512_vnni"},
+    "AVX512_CORE_BF16": _AVX512 | {"avx512_vnni", "avx512_bf16"},
+    "AVX10_1_512": _AVX512 | {"avx512_vnni", "avx512_bf16", "avx512_fp16"},
+    "AVX512_CORE_FP16": _AVX512 | {"avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni"},
+}
+ISA_CAP_VARIABLE = "ONEDNN_MAX_CPU_ISA"
+
 
 @dataclass(frozen=True)
 class CpuInfo:
@@ -142,16 +161,29 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_info() -> CpuInfo:
-    """This machine's CPU, read once."""
+def capped_flags(flags: frozenset[str], cap: str | None) -> frozenset[str]:
+    """`flags` less what ONEDNN_MAX_CPU_ISA=`cap` forbids (unset, ALL, DEFAULT or an AMX cap: unchanged)."""
+    cap = (cap or "").strip().upper()
+    if cap in ISA_CAPS:
+        removable = {flag for flag in flags if flag.startswith(("avx", "amx", "sse4", "fma", "f16c"))}
+        return frozenset(flags - (removable - ISA_CAPS[cap]))
+    return flags
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_info(cap: str | None) -> CpuInfo:
     model, flags = _read_cpuinfo()
     return CpuInfo(
         model=model or platform.processor() or platform.machine() or "unknown CPU",
-        flags=flags,
+        flags=capped_flags(flags, cap),
         machine=platform.machine(),
         threads=_threads(),
     )
+
+
+def cpu_info() -> CpuInfo:
+    """This machine's CPU as oneDNN will use it (ONEDNN_MAX_CPU_ISA honoured), read once per cap."""
+    return _cpu_info(os.environ.get(ISA_CAP_VARIABLE))
 
 
 def require_native_bf16(purpose: str, cpu: CpuInfo | None = None, allow_emulated: bool = False) -> None:

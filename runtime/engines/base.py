@@ -18,7 +18,7 @@ import numpy as np
 
 from mae.errors import MAEError
 
-ENGINE_NAMES = ("onnx", "trt", "torch", "openvino")
+ENGINE_NAMES = ("auto", "onnx", "trt", "torch", "openvino")
 INPUT_NAMES = {"encoder": ("pixel_values", "ids_keep"), "decoder": ("latent", "ids_restore")}
 OUTPUT_NAMES = {"encoder": ("latent",), "decoder": ("pred",)}
 
@@ -91,6 +91,40 @@ def check_inputs(part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarr
 def warn(message: str) -> None:
     """A user-visible warning (e.g. a requested provider that fell back), attributed to the caller's call."""
     warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+_INT8_WARNED: set[tuple[str, str, str]] = set()
+
+
+def warn_int8_cpu(bundle: object, engine: str) -> None:
+    """Say once (per bundle, engine and CPU class) when an int8 graph runs on a CPU class it was not verified on.
+
+    The int8 graphs are made so that their integer arithmetic is exact on every x86 class (see
+    `mae.export.precision`), so this is a note, not a refusal; a bundle from before that records no CPU at all.
+    """
+    from mae.runtime import hardware
+
+    here = hardware.cpu_info()
+    record = bundle.manifest.get("int8") or {}
+    verified = record.get("verified_on") or {}
+    if verified.get("int8_class") == here.int8_class:
+        return
+    key = (str(bundle.path), engine, here.int8_class)
+    if key in _INT8_WARNED:
+        return
+    _INT8_WARNED.add(key)
+    if not record:
+        warn(
+            f"The int8 graph of {bundle.path} comes from an older mae that recorded neither its method nor the CPU it "
+            "was verified on; its 8-bit weights can saturate on CPUs without VNNI. Re-export it: "
+            f"`mae export {bundle.path} --precision int8`."
+        )
+        return
+    warn(
+        f"The int8 graph of {bundle.path} was verified on {verified.get('model')} ({verified.get('int8_class')} int8 "
+        f"class); this CPU is {here.model} ({here.int8_class}). Its integer arithmetic is exact on every x86 class, "
+        f"but `mae bench --model {bundle.path}` measures its cosine here."
+    )
 
 
 def check_graph_precision(precision: str, engine: str) -> None:

@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 
 from mae.errors import MAEError, require
-from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_graph_precision, check_inputs, load_bundle, warn
+from mae.runtime.engines.base import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    check_graph_precision,
+    check_inputs,
+    load_bundle,
+    warn,
+    warn_int8_cpu,
+)
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -81,6 +89,8 @@ class OnnxEngine:
         self.bundle = load_bundle(model, "onnx")
         self.config = self.bundle.config
         graph_path = self.bundle.graph(part, precision)
+        if precision == "int8":
+            warn_int8_cpu(self.bundle, "onnx")
 
         requested = resolve_providers(provider, ort.get_available_providers())
         provider_options = []

@@ -1,4 +1,8 @@
-"""OpenVINO engine on the bundle's ONNX graph: the fastest CPU engine on AMX CPUs (bf16 by default there).
+"""OpenVINO engine on the bundle's ONNX graph, or on its OpenVINO int8 model (NNCF-quantized IR) for int8.
+
+Inference precision follows the hardware: bf16 where the CPU has bf16 instructions (AMX-BF16, AVX512-BF16), else
+f32, decided by `mae.runtime.hardware` and set explicitly (OpenVINO's own choice ignores ONEDNN_MAX_CPU_ISA and then
+fails to compile for a capped ISA). Asking for bf16 on a CPU without it is refused: it would be emulated.
 
 For throughput (see ANCHORS.md) each distinct input shape gets its own statically shaped compiled model (cached),
 compiled with the THROUGHPUT hint, and `run` splits the batch across `num_requests` infer requests that run
@@ -39,8 +43,50 @@ def _type_name(value: object) -> str:
     return to_string() if callable(to_string) else str(value)
 
 
+def inference_precision_for(requested: str, cpu: object | None = None) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for `requested` (auto, bf16, f32, ...) on this CPU."""
+    from mae.runtime import hardware
+
+    if requested not in INFERENCE_PRECISIONS:
+        raise MAEError(f"Unknown OpenVINO inference precision {requested!r}", hint="use auto, bf16 or f32")
+    cpu = cpu or hardware.cpu_info()
+    chosen = INFERENCE_PRECISIONS[requested]
+    if chosen is None:
+        return "bf16" if cpu.native_bf16 else "f32"
+    if chosen == "bf16":
+        hardware.require_native_bf16("OpenVINO inference precision bf16", cpu)
+    return chosen
+
+
+def compile_options(
+    inference_precision: str, num_requests: int, num_threads: int | None = None, device: str = "CPU"
+) -> dict[str, object]:
+    """The compile configuration of the engine (and of the export's check of the OpenVINO int8 model)."""
+    options: dict[str, object] = {"PERFORMANCE_HINT": "THROUGHPUT" if num_requests > 1 else "LATENCY"}
+    if device == "CPU" or inference_precision != "auto":  # other devices choose for themselves
+        options["INFERENCE_PRECISION_HINT"] = inference_precision_for(inference_precision)
+    if num_threads:
+        options["INFERENCE_NUM_THREADS"] = int(num_threads)
+    return options
+
+
+def int8_model_path(bundle: object, part: str) -> object:  # Bundle -> Path
+    """The bundle's OpenVINO int8 model (IR) for `part`, or an MAEError saying how to make one."""
+    entry = ((bundle.manifest.get("openvino") or {}).get("int8") or {}).get(part)
+    if not entry:
+        raise MAEError(
+            f"The bundle {bundle.path} has no OpenVINO int8 {part} model (the int8 ONNX graph is for ONNX Runtime).",
+            hint=f"install the openvino extra (pip install 'mae-toolkit[openvino]') and run "
+            f"`mae export {bundle.path} --precision int8`, or use --engine onnx --precision int8",
+        )
+    path = bundle.path / entry["file"]
+    if not path.is_file() or not path.with_suffix(".bin").is_file():
+        raise MAEError(f"{path} (or its .bin) is listed in mae.json but missing.", hint="re-run `mae export`")
+    return path
+
+
 @contextlib.contextmanager
-def _keep_signal_stack() -> Iterator[None]:
+def keep_signal_stack() -> Iterator[None]:
     """Restore the calling thread's alternate signal stack after OpenVINO calls.
 
     OpenVINO's CPU plugin (seen with 2026.4 on Linux) installs an alternate signal stack on the thread that loads
@@ -69,7 +115,8 @@ def _keep_signal_stack() -> Iterator[None]:
 class OpenVINOEngine:
     """One graph of a bundle, compiled by OpenVINO for the CPU.
 
-    inference_precision: "auto" (OpenVINO's choice: bf16 on CPUs with AMX/AVX512-BF16, else f32), "bf16" or "f32".
+    inference_precision: "auto" (bf16 on CPUs with AMX-BF16/AVX512-BF16, else f32), "bf16" or "f32".
+    precision "int8" runs the bundle's NNCF-quantized OpenVINO model, not the ONNX Runtime int8 graph.
     static_shapes: compile per input shape (faster by 3-11%, a compile of a second or so per new shape); False
     compiles one dynamic model.
     """
@@ -88,17 +135,20 @@ class OpenVINOEngine:
         device: str = "CPU",
     ) -> None:
         ov = require("openvino", "openvino", "The openvino engine")
-        if inference_precision not in INFERENCE_PRECISIONS:
-            raise MAEError(
-                f"Unknown OpenVINO inference precision {inference_precision!r}", hint="use auto, bf16 or f32"
-            )
         self.part = part
         self.precision = precision
         check_graph_precision(precision, "openvino")
+        inference_precision_for(inference_precision)  # a bad or emulated precision fails before any loading
         self.bundle = load_bundle(model, "openvino")
         self.config = self.bundle.config
-        self.graph_path = self.bundle.graph(part, precision)
-        with _keep_signal_stack():  # loading the CPU plugin replaces this thread's signal stack
+        if precision == "int8":
+            from mae.runtime.engines.base import warn_int8_cpu
+
+            self.graph_path = int8_model_path(self.bundle, part)
+            warn_int8_cpu(self.bundle, "openvino")
+        else:
+            self.graph_path = self.bundle.graph(part, precision)
+        with keep_signal_stack():  # loading the CPU plugin replaces this thread's signal stack
             self.core = ov.Core()
             # "auto" / "cpu" as the other engines spell them; OpenVINO names such as "GPU" pass through.
             self.device = "CPU" if device.lower() in ("auto", "cpu") else device.upper()
@@ -117,20 +167,13 @@ class OpenVINOEngine:
 
             self.num_requests = max(1, int(num_requests))
             self.static_shapes = static_shapes
-            self.compile_config: dict[str, object] = {
-                "PERFORMANCE_HINT": "THROUGHPUT" if self.num_requests > 1 else "LATENCY"
-            }
-            if INFERENCE_PRECISIONS[inference_precision]:
-                self.compile_config["INFERENCE_PRECISION_HINT"] = INFERENCE_PRECISIONS[inference_precision]
-            if num_threads:
-                self.compile_config["INFERENCE_NUM_THREADS"] = int(num_threads)
+            self.compile_config = compile_options(inference_precision, self.num_requests, num_threads, self.device)
             # shape key -> (compiled model, its infer requests); least recently used first.
             self._compiled: OrderedDict[tuple, tuple[object, list]] = OrderedDict()
             self._version = ov.__version__.split("-")[0]
-            chosen = self.compile_config.get("INFERENCE_PRECISION_HINT") or self.core.get_property(
-                self.device, "INFERENCE_PRECISION_HINT"
+            self._set_description(
+                str(self.compile_config.get("INFERENCE_PRECISION_HINT", "device's own")), streams=None
             )
-            self._set_description(_type_name(chosen), streams=None)
 
     def _set_description(self, inference_precision: str, streams: object) -> None:
         streams_text = f", {streams} streams" if streams is not None else ""
@@ -151,7 +194,7 @@ class OpenVINOEngine:
             model = self.model.clone()
             model.reshape({name: list(shape) for name, shape in shapes.items()})
         try:
-            with _keep_signal_stack():
+            with keep_signal_stack():
                 compiled = self.core.compile_model(model, self.device, self.compile_config)
                 requests = [compiled.create_infer_request() for _ in range(self.num_requests)]
         except RuntimeError as exc:
