@@ -74,9 +74,9 @@ def _details(name: str) -> dict[str, Any]:
     if name == "openvino":
         import openvino
 
-        from mae.runtime.engines.openvino import _keep_signal_stack
+        from mae.runtime.engines.openvino import keep_signal_stack
 
-        with _keep_signal_stack():  # the CPU plugin swaps this thread's signal stack (see the engine)
+        with keep_signal_stack():  # the CPU plugin swaps this thread's signal stack (see the engine)
             core = openvino.Core()
             devices = list(core.available_devices)
             precision = core.get_property("CPU", "INFERENCE_PRECISION_HINT") if "CPU" in devices else None
