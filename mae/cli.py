@@ -214,18 +214,23 @@ def embed(
 def bench(
     model: Annotated[str, typer.Option(help="Bundle directory or preset name.")] = "mae_vit_base_patch16",
     engines: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Comma-separated, from: torch, torch-bf16, torch-cuda, torch-cuda-fp16, onnx, onnx-fp16, onnx-int8, "
-            "onnx-cpu, onnx-cuda, openvino, openvino-f32, openvino-int8, trt, trt-fp16. PyTorch fp32 always runs."
+            "onnx-cpu, onnx-cuda, openvino, openvino-f32, openvino-int8, trt, trt-fp16. PyTorch fp32 always runs. "
+            "Default: every engine that can run here (the choice and what was left out are printed)."
         ),
-    ] = "torch,onnx,onnx-int8",
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     mask_ratio: Annotated[list[float], typer.Option(help="Repeat for several.")] = [0.75, 0.0],  # noqa: B006
     seconds: Annotated[float, typer.Option(help="Timing budget per engine and ratio.")] = 5.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    roofline: Annotated[
+        bool, typer.Option("--roofline/--no-roofline", help="Measure peak GEMM throughput (~1-2 s), as % of peak.")
+    ] = True,
 ) -> None:
-    """Images/s per engine and mask ratio, as ratios against PyTorch eager fp32 in the same run."""
+    """Images/s per engine and mask ratio, as ratios against PyTorch eager fp32 in the same run, and as a fraction of
+    this machine's peak GEMM throughput."""
     options = dict(locals())  # before the import below adds a name
     from mae.runtime.bench import run_bench
 

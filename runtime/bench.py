@@ -12,7 +12,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,11 @@ import numpy as np
 
 from mae.config import PRESETS
 from mae.errors import MAEError
-from mae.runtime.bundle import atomic_write_text, is_bundle
+from mae.runtime import hardware
+from mae.runtime.bundle import Bundle, atomic_write_text, is_bundle
 from mae.runtime.engines.base import Engine, create_engine
 from mae.runtime.masking import masking_from_noise, random_noise
+from mae.runtime.roofline import Peak, encoder_flops, measure_peaks
 
 BASELINE = "torch"
 MIN_ROUNDS = 3
@@ -46,6 +48,10 @@ ENGINE_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "trt": ("trt", {"precision": "fp32"}),  # what `mae export --format trt` builds by default
     "trt-fp16": ("trt", {"precision": "fp16"}),
 }
+GPU_LABELS = ("torch-cuda", "torch-cuda-fp16", "onnx-cuda", "trt", "trt-fp16")
+TABLE_COLUMNS = ("engine", "mask", "K", "img/s", "vs torch fp32", "cos cls", "cos mean", "t/t(mask 0)")
+TABLE_COLUMNS += ("GFLOP/s", "of peak")
+ON_REQUEST = ("onnx-fp16", "openvino-f32")  # variants of a default engine, never chosen by default
 
 
 def parse_engines(spec: str | Sequence[str]) -> list[str]:
@@ -57,6 +63,103 @@ def parse_engines(spec: str | Sequence[str]) -> list[str]:
     if not labels:
         raise MAEError("No engines to benchmark.", hint="e.g. --engines torch,onnx,openvino")
     return list(dict.fromkeys(labels))
+
+
+def _model_kind(model: str) -> tuple[str, Bundle | None]:
+    """("preset" | "bundle" | "weights" | "missing", the bundle when it is one)."""
+    if model in PRESETS:
+        return "preset", None
+    path = Path(model)
+    if is_bundle(path):
+        return "bundle", Bundle.load(path)
+    return ("weights" if path.exists() else "missing"), None
+
+
+def default_engines(
+    model: str,
+    cpu: hardware.CpuInfo | None = None,
+    gpus: Sequence[object] | None = None,
+    packages: Mapping[str, str] | None = None,
+    onnx_providers: Sequence[str] | None = None,
+    torch_cuda: bool | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """(labels, {label left out: why}): every engine that can run `model` here, as `mae bench` runs by default.
+
+    torch, torch-bf16 (CPUs with bf16 instructions), onnx, onnx-int8, openvino, openvino-int8 (when installed; int8
+    where the bundle has an int8 graph: a preset's temporary bundle gets one), and with a CUDA GPU torch-cuda,
+    torch-cuda-fp16, onnx-cuda and trt / trt-fp16 (engines built into the bundle). What is not given is looked up.
+    """
+    from mae.runtime.system import installed_engines
+
+    cpu = cpu or hardware.cpu_info()
+    gpus = hardware.cuda_gpus() if gpus is None else gpus
+    packages = installed_engines() if packages is None else packages
+    if onnx_providers is None:
+        onnx_providers = []
+        if "onnxruntime" in packages:
+            import onnxruntime
+
+            onnx_providers = onnxruntime.get_available_providers()
+    if torch_cuda is None:
+        torch_cuda = False
+        if gpus and "torch" in packages:
+            from mae.runtime.engines.torch import torch_details
+
+            torch_cuda = bool(torch_details()["cuda_available"])
+    kind, bundle = _model_kind(model)
+
+    def has_graph(precision: str) -> str | None:
+        """Why the model's bundle cannot run `precision` graphs (None: it can)."""
+        if kind == "weights":
+            return "weights run on torch only: export a bundle for the others"
+        if bundle is not None and not bundle.has_graph("encoder", precision):
+            return f"the bundle has no {precision} graph"
+        return None
+
+    def has_trt_engine(precision: str) -> str | None:
+        if kind != "bundle":
+            return "TensorRT engines are built into a bundle: mae export BUNDLE --format trt"
+        if "encoder" not in ((bundle.manifest.get("engines") or {}).get(precision) or {}):
+            return f"the bundle has no {precision} TensorRT engine"
+        return None
+
+    gpu_build = bool(gpus) and any(p in onnx_providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    no_gpu = None if gpus else "no CUDA GPU"
+    offers: dict[str, str | None] = {
+        "torch": None,
+        "torch-bf16": None if cpu.native_bf16 else "no bf16 instructions on this CPU",
+    }
+    no_onnx = None if "onnxruntime" in packages else "onnxruntime is not installed"
+    # On a GPU build, "onnx" (provider auto) would run on the GPU: the CPU row is onnx-cpu there.
+    offers["onnx-cpu" if gpu_build else "onnx"] = no_onnx or has_graph("fp32")
+    offers["onnx-int8"] = no_onnx or has_graph("int8")
+    no_openvino = None if "openvino" in packages else "openvino is not installed"
+    offers["openvino"] = no_openvino or has_graph("fp32")
+    offers["openvino-int8"] = no_openvino or has_graph("int8")
+    no_torch_cuda = None if torch_cuda else "PyTorch here has no CUDA"
+    offers["torch-cuda"] = no_gpu or no_torch_cuda
+    offers["torch-cuda-fp16"] = no_gpu or no_torch_cuda
+    no_cuda_provider = None if "CUDAExecutionProvider" in onnx_providers else "onnxruntime has no CUDA provider"
+    offers["onnx-cuda"] = no_gpu or no_onnx or no_cuda_provider or has_graph("fp32")
+    no_tensorrt = None if {"tensorrt", "cuda-python"} <= set(packages) else "tensorrt / cuda-python not installed"
+    offers["trt"] = no_gpu or no_tensorrt or has_trt_engine("fp32")
+    offers["trt-fp16"] = no_gpu or no_tensorrt or has_trt_engine("fp16")
+    chosen = [label for label, reason in offers.items() if reason is None]
+    left_out = {label: reason for label, reason in offers.items() if reason is not None}
+    if gpu_build:
+        left_out["onnx"] = "its provider auto picks the GPU: onnx-cpu and onnx-cuda instead"
+    for label in (*ON_REQUEST, "onnx-cpu"):
+        left_out.setdefault(label, "only on request: --engines")
+    return chosen, left_out
+
+
+def describe_choice(labels: Sequence[str], left_out: Mapping[str, str]) -> str:
+    """'engines: torch, onnx, ...; left out: trt, trt-fp16 (no CUDA GPU); onnx-fp16 (only on request: --engines)'."""
+    by_reason: dict[str, list[str]] = {}
+    for label, reason in left_out.items():
+        by_reason.setdefault(reason, []).append(label)
+    left = "; ".join(f"{', '.join(group)} ({reason})" for reason, group in by_reason.items())
+    return f"engines: {', '.join(labels)}" + (f"; left out: {left}" if left else "")
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -121,6 +224,11 @@ class _Prepared:
     temp: tempfile.TemporaryDirectory | None = None
 
 
+def _runs_a_graph(label: str) -> bool:
+    """Whether the engine runs one of the bundle's ONNX graphs (torch runs weights, trt its own engines)."""
+    return ENGINE_SPECS[label][0] in ("onnx", "openvino")
+
+
 def _prepare_model(model: str, labels: Sequence[str], seed: int) -> _Prepared:
     """A bundle (and baseline weights) for `model`: a bundle directory, weights, or a preset name (random weights
     exported to a temporary bundle with fp32 and int8 graphs)."""
@@ -134,7 +242,8 @@ def _prepare_model(model: str, labels: Sequence[str], seed: int) -> _Prepared:
         checkpoint = save_random_weights(PRESETS[model], Path(temp.name) / f"{model}-random.pt", seed, decoder=False)
         bundle = None
         if needs_bundle:
-            precisions = ["fp32"] + [p for p in ("fp16", "int8") if any(label.endswith(p) for label in labels)]
+            graph_precisions = {ENGINE_SPECS[label][1]["precision"] for label in labels if _runs_a_graph(label)}
+            precisions = ["fp32"] + [p for p in ("fp16", "int8") if p in graph_precisions]
             # Random weights: the export checks against PyTorch add minutes on big models and nothing here, as the
             # benchmark compares every engine with PyTorch itself.
             exported = export_bundle(checkpoint, Path(temp.name) / "bundle", precisions=precisions, verify=False)
@@ -158,21 +267,51 @@ def _create(label: str, prepared: _Prepared) -> Engine:
     return create_engine(name, prepared.torch_source if name == "torch" else prepared.bundle, "encoder", **options)
 
 
+def peak_kind(label: str, on_cpu: bool = True, cpu: hardware.CpuInfo | None = None) -> str | None:
+    """The precision whose CPU peak an engine row is held against: int8 graphs -> int8; torch-bf16, and openvino
+    left to choose on a CPU with bf16 instructions (it computes in bf16 there) -> bf16; else fp32. None on a GPU."""
+    if not on_cpu:
+        return None
+    name, options = ENGINE_SPECS[label]
+    if options["precision"] == "int8":
+        return "int8"
+    if name == "torch" and options["precision"] == "bf16":
+        return "bf16"
+    if name == "openvino" and "inference_precision" not in options and (cpu or hardware.cpu_info()).native_bf16:
+        return "bf16"
+    return "fp32"
+
+
+def _on_cpu(engine: Engine) -> bool:
+    """Whether the engine computes on the CPU (ONNX Runtime: its first provider; TensorRT: never)."""
+    providers = getattr(engine, "providers", None)
+    if providers:
+        return providers[0] == "CPUExecutionProvider"
+    if engine.name in ("trt", "tensorrt"):
+        return False
+    return str(getattr(engine, "device", "cpu")).lower() == "cpu"
+
+
 def bench(
     model: str = "mae_vit_base_patch16",
-    engines: str | Sequence[str] = ("torch", "onnx", "onnx-int8"),
+    engines: str | Sequence[str] | None = None,
     batch_size: int = 8,
     mask_ratios: Sequence[float] = (0.75, 0.0),
     seconds: float = 5.0,
     seed: int = 0,
     progress: bool = True,
+    peaks: Mapping[str, Peak] | None = None,
+    roofline: bool = True,
 ) -> list[dict[str, Any]]:
-    """One row per (engine, mask ratio): images/s (median), ratio vs PyTorch eager fp32, pooled cosines.
+    """One row per (engine, mask ratio): images/s (median), ratio vs PyTorch eager fp32, pooled cosines, and the
+    roofline: encoder GFLOP per image, effective GFLOP/s, the peak it is held against and the fraction of it.
 
-    The PyTorch fp32 baseline is always measured (added when not listed). An engine that cannot start here
-    (missing package, no GPU, graph not in the bundle) gets a row with `error` instead of numbers.
+    engines: None runs every engine that can run here (`default_engines`). The PyTorch fp32 baseline is always
+    measured (added when not listed). An engine that cannot start here (missing package, no GPU, graph not in the
+    bundle) gets a row with `error` instead of numbers. peaks: from `measure_peaks` (measured here when None and
+    `roofline`; roofline=False leaves peak_gflops and fraction_of_peak out).
     """
-    labels = parse_engines(engines)
+    labels = default_engines(model)[0] if engines is None else parse_engines(engines)
     if BASELINE not in labels:
         labels.insert(0, BASELINE)
     if batch_size < 1:
@@ -182,13 +321,24 @@ def bench(
             raise MAEError(f"mask ratio {ratio} must be in [0, 1)")
     prepared = _prepare_model(model, labels, seed)
     try:
-        return _bench(prepared, labels, batch_size, list(mask_ratios), seconds, seed, progress)
+        if peaks is None:
+            peaks = measure_peaks()[0] if roofline else {}  # before the engines start their thread pools
+        return _bench(prepared, labels, batch_size, list(mask_ratios), seconds, seed, progress, dict(peaks))
     finally:
         if prepared.temp is not None:
             prepared.temp.cleanup()
 
 
-def _bench(prepared, labels, batch_size, mask_ratios, seconds, seed, progress) -> list[dict[str, Any]]:  # noqa: ANN001
+def _bench(
+    prepared: _Prepared,
+    labels: list[str],
+    batch_size: int,
+    mask_ratios: list[float],
+    seconds: float,
+    seed: int,
+    progress: bool,
+    peaks: dict[str, Peak],
+) -> list[dict[str, Any]]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     rows: list[dict[str, Any]] = []
@@ -203,6 +353,8 @@ def _bench(prepared, labels, batch_size, mask_ratios, seconds, seed, progress) -
             errors[label] = _reason(exc)
     baseline = ready[BASELINE]
     cfg = baseline.config  # every engine here carries the MAEConfig it runs
+    cpu = hardware.cpu_info()
+    kinds = {label: peak_kind(label, _on_cpu(engine), cpu) for label, engine in ready.items()}
     rng = np.random.default_rng(seed)
     pixel_values = rng.standard_normal((batch_size, 3, cfg.img_size, cfg.img_size), dtype=np.float32)
 
@@ -212,6 +364,7 @@ def _bench(prepared, labels, batch_size, mask_ratios, seconds, seed, progress) -
         for ratio in mask_ratios:
             ids_keep = masking_from_noise(random_noise(batch_size, cfg.num_patches, seed), ratio).ids_keep
             inputs = {"pixel_values": pixel_values, "ids_keep": ids_keep}  # [B, 3, S, S], [B, K]
+            gflops_per_image = encoder_flops(cfg, int(ids_keep.shape[1])) / 1e9
             bar.update(task, description=f"mask {ratio:g}: warm-up")
             outputs, failed = {}, dict(errors)
             for label, engine in ready.items():
@@ -228,27 +381,45 @@ def _bench(prepared, labels, batch_size, mask_ratios, seconds, seed, progress) -
             reference = pooled(outputs[BASELINE])
             base_s = statistics.median(times[BASELINE])
             for label in labels:
-                row = {"engine": label, "mask_ratio": ratio, "kept": int(ids_keep.shape[1]), "batch_size": batch_size}
+                row = {
+                    "engine": label,
+                    "mask_ratio": ratio,
+                    "kept": int(ids_keep.shape[1]),
+                    "batch_size": batch_size,
+                    "gflops_per_image": gflops_per_image,
+                }
                 if label in failed:
                     rows.append({**row, "error": failed[label]})
                     continue
                 median_s = statistics.median(times[label])
                 features = pooled(outputs[label])
+                images_per_s = batch_size / median_s
                 rows.append(
                     {
                         **row,
                         "description": ready[label].description,
-                        "images_per_s": batch_size / median_s,
+                        "images_per_s": images_per_s,
                         "ms_per_batch": 1000 * median_s,
                         "timed_batches": len(times[label]),
                         "ratio_vs_torch": base_s / median_s,
                         "cosine_cls": float(cosine_rows(features["cls"], reference["cls"]).min()),
                         "cosine_mean": float(cosine_rows(features["mean"], reference["mean"]).min()),
+                        **_roofline(gflops_per_image * images_per_s, kinds[label], peaks),
                     }
                 )
             bar.advance(task)
     _add_masked_speedup(rows)
     return rows
+
+
+def _roofline(effective_gflops: float, kind: str | None, peaks: Mapping[str, Peak]) -> dict[str, Any]:
+    peak = peaks.get(kind) if kind else None
+    return {
+        "effective_gflops": effective_gflops,
+        "peak_kind": kind,
+        "peak_gflops": None if peak is None else peak.gflops,
+        "fraction_of_peak": None if peak is None else effective_gflops / peak.gflops,
+    }
 
 
 def _reason(exc: Exception) -> str:
@@ -297,14 +468,27 @@ def results_table(rows: list[dict[str, Any]], title: str):  # noqa: ANN201 - ric
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for name in ("engine", "mask", "K", "img/s", "vs torch fp32", "cos cls", "cos mean", "t/t(mask 0)"):
+    columns = (
+        "engine",
+        "mask",
+        "K",
+        "img/s",
+        "vs torch fp32",
+        "cos cls",
+        "cos mean",
+        "t/t(mask 0)",
+        "GFLOP/s",
+        "of peak",
+    )
+    for name in columns:
         table.add_column(name, justify="left" if name == "engine" else "right", no_wrap=name == "engine")
     for row in rows:
         head = (row["engine"], f"{row['mask_ratio']:g}", str(row["kept"]))
         if "error" in row:
-            table.add_row(*head, "[dim]not run[/dim]", "", "", "", "")
+            table.add_row(*head, "[dim]not run[/dim]", "", "", "", "", "", "")
             continue
         speedup = row.get("time_vs_mask0")
+        fraction = row.get("fraction_of_peak")
         table.add_row(
             *head,
             f"{row['images_per_s']:.1f}",
@@ -312,19 +496,35 @@ def results_table(rows: list[dict[str, Any]], title: str):  # noqa: ANN201 - ric
             f"{row['cosine_cls']:.6f}",
             f"{row['cosine_mean']:.6f}",
             "" if speedup is None else f"{speedup:.3f}",
+            f"{row['effective_gflops']:.0f}" if "effective_gflops" in row else "",
+            "" if fraction is None else f"{fraction:.0%} {row['peak_kind']}",
         )
     return table
 
 
+def peaks_line(peaks: Mapping[str, Peak], missing: Mapping[str, str]) -> str:
+    """'peak GEMM (1024x1024x1024, best of 5): fp32 131 GFLOP/s (onnxruntime ...), ...; not measured: bf16 (...)'."""
+    parts = [peak.describe() for peak in peaks.values()]
+    parts += [f"{kind} not measured ({reason})" for kind, reason in missing.items()]
+    if not peaks:
+        return "peak GEMM: " + "; ".join(parts)
+    first = next(iter(peaks.values()))
+    return f"peak GEMM ({'x'.join(map(str, first.shape))}, best of {first.runs}): " + "; ".join(parts)
+
+
 def run_bench(
     model: str = "mae_vit_base_patch16",
-    engines: str = "torch,onnx,onnx-int8",
+    engines: str | None = None,
     batch_size: int = 8,
     mask_ratio: Sequence[float] = (0.75, 0.0),
     seconds: float = 5.0,
     json_out: Path | None = None,
+    roofline: bool = True,
 ) -> list[dict[str, Any]]:
-    """`mae bench`: print the table (and the engines' descriptions); write JSON when asked."""
+    """`mae bench`: print the engines chosen, the peaks, the table (and the engines' descriptions); write JSON.
+
+    engines: None runs every engine that can run here, and says which were left out and why.
+    """
     import os
 
     from rich.console import Console
@@ -332,7 +532,16 @@ def run_bench(
     console = Console()
     if not console.is_terminal:  # piped or logged: no terminal width to fit, keep the table on one line per row
         console = Console(width=120)
-    rows = bench(model, engines, batch_size=batch_size, mask_ratios=mask_ratio, seconds=seconds)
+    left_out: dict[str, str] = {}
+    if engines is None:
+        labels, left_out = default_engines(model)
+        console.print(describe_choice(labels, left_out), highlight=False)
+    else:
+        labels = parse_engines(engines)
+    peaks, missing = measure_peaks() if roofline else ({}, {})
+    if roofline:
+        console.print(peaks_line(peaks, missing), highlight=False)
+    rows = bench(model, labels, batch_size=batch_size, mask_ratios=mask_ratio, seconds=seconds, peaks=peaks)
     title = f"Encoder throughput, {model}, batch {batch_size} (median of interleaved rounds)"
     console.print(results_table(rows, title))
     for line in summary_lines(rows):
@@ -345,8 +554,21 @@ def run_bench(
         f"  cos: minimum over the batch of the cosine between pooled features and PyTorch eager fp32; "
         f"CPU threads available: {os.cpu_count()} (other jobs on the machine move absolute numbers; ratios travel)"
     )
+    if roofline:
+        console.print(
+            "  GFLOP/s: encoder FLOPs per image (matrix products) x img/s; of peak: that over this CPU's peak GEMM of "
+            "the precision the engine computes in"
+        )
     if json_out is not None:
-        payload = {"model": model, "batch_size": batch_size, "rows": rows}
+        payload = {
+            "model": model,
+            "batch_size": batch_size,
+            "engines_left_out": left_out,
+            "peaks": {kind: peak.to_dict() for kind, peak in peaks.items()},
+            "peaks_not_measured": missing,
+            "cpu": hardware.cpu_info().to_dict(),
+            "rows": rows,
+        }
         atomic_write_text(Path(json_out), json.dumps(payload, indent=2) + "\n")
         console.print(f"  results: {json_out}")
     return rows

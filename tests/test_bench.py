@@ -14,8 +14,24 @@ from mae.checkpoint import save_checkpoint
 from mae.config import get_preset
 from mae.errors import MAEError
 from mae.model import MaskedAutoencoder
-from mae.runtime.bench import bench, cosine_rows, parse_engines, pooled, summary_lines, timing_rounds
-from mae.runtime.hardware import cpu_info
+from mae.runtime.bench import (
+    bench,
+    cosine_rows,
+    default_engines,
+    describe_choice,
+    parse_engines,
+    peak_kind,
+    peaks_line,
+    pooled,
+    summary_lines,
+    timing_rounds,
+)
+from mae.runtime.hardware import CpuInfo, GpuSummary, cpu_info
+from mae.runtime.roofline import PEAK_KINDS, Peak, encoder_flops, measure_peaks
+
+AVX2_ONLY = CpuInfo("AMD EPYC 7B13 64-Core Processor", frozenset({"avx2", "fma"}), "x86_64", 2)
+AMX = CpuInfo("Intel(R) Xeon(R) Platinum 8481C", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}))
+CPU_PACKAGES = {"onnxruntime": "1.32.0", "openvino": "2026.4.1", "torch": "2.13.0", "nncf": "3.4.0"}
 
 
 def test_parse_engines():
@@ -53,12 +69,20 @@ def test_weights_path_runs_torch_only(tmp_path):
     config = get_preset("mae_vit_test_patch8")
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "model.pt", MaskedAutoencoder(config).state_dict(), config)
-    rows = bench(str(tmp_path / "model.pt"), "torch-bf16", batch_size=2, mask_ratios=[0.5], seconds=0.0, progress=False)
+    peaks = {"fp32": Peak("fp32", 100.0, (8, 8, 8), "test", 1)}  # given peaks are not measured
+    weights = str(tmp_path / "model.pt")
+    rows = bench(weights, "torch-bf16", batch_size=2, mask_ratios=[0.5], seconds=0.0, progress=False, peaks=peaks)
     assert [r["engine"] for r in rows] == ["torch", "torch-bf16"]  # the baseline is added
     assert rows[0]["ratio_vs_torch"] == 1.0 and rows[0]["cosine_cls"] == pytest.approx(1.0)
+    assert rows[0]["gflops_per_image"] == pytest.approx(encoder_flops(config, 8) / 1e9)
+    assert rows[0]["effective_gflops"] == pytest.approx(rows[0]["gflops_per_image"] * rows[0]["images_per_s"])
+    assert rows[0]["peak_kind"] == "fp32" and rows[0]["fraction_of_peak"] == pytest.approx(
+        rows[0]["effective_gflops"] / 100.0
+    )
     assert rows[1]["kept"] == 8
     if cpu_info().native_bf16:
         assert rows[1]["cosine_mean"] > 0.999
+        assert rows[1]["peak_kind"] == "bf16" and rows[1]["fraction_of_peak"] is None  # no bf16 peak given
     else:  # refused (emulated bf16 is many times slower), with the reason in the row
         assert "would be emulated" in rows[1]["error"]
     with pytest.raises(MAEError, match="engines other than torch run an exported bundle"):
@@ -80,6 +104,7 @@ def test_cli_bench_on_a_preset_writes_json(tmp_path, monkeypatch, capsys):
     main()
     printed = capsys.readouterr().out
     assert "vs torch fp32" in printed and "trt: not run: " in printed
+    assert "peak GEMM (1024x1024x1024" in printed and "of peak" in printed and "engines: " not in printed
 
     payload = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["engine"], r["mask_ratio"]): r for r in payload["rows"]}
@@ -94,6 +119,31 @@ def test_cli_bench_on_a_preset_writes_json(tmp_path, monkeypatch, capsys):
         assert "int8" in rows["onnx-int8", mask_ratio]["description"]
     assert rows["onnx", 0.75]["time_vs_mask0"] > 0 and "time_vs_mask0" not in rows["onnx", 0.0]
     assert all(r["images_per_s"] > 0 for r in payload["rows"] if "error" not in r)
+    assert {"fp32", "int8"} <= set(payload["peaks"]) and payload["peaks"]["fp32"]["gflops"] > 0
+    assert rows["onnx-int8", 0.0]["peak_kind"] == "int8" and rows["onnx", 0.0]["peak_kind"] == "fp32"
+    assert all(r["fraction_of_peak"] > 0 for r in payload["rows"] if "error" not in r)
+    assert payload["engines_left_out"] == {}  # the engines were named
+
+
+@pytest.mark.slow
+def test_cli_bench_default_runs_every_engine_installed_here(tmp_path, monkeypatch, capsys):
+    from mae.cli import main
+    from mae.runtime.system import installed_engines
+
+    args = ["mae", "bench", "--model", "mae_vit_test_patch8", "--batch-size", "2", "--mask-ratio", "0.5"]
+    monkeypatch.setattr(sys, "argv", [*args, "--seconds", "0.02", "--json", str(tmp_path / "bench.json")])
+    main()
+    printed = capsys.readouterr().out
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    ran = [r["engine"] for r in payload["rows"]]
+    expected, left_out = default_engines("mae_vit_test_patch8")
+    assert ran == expected and payload["engines_left_out"] == left_out
+    assert {"torch", "onnx", "onnx-int8"} <= set(ran) and ("openvino-int8" in ran) == (
+        "openvino" in installed_engines()
+    )
+    assert ("torch-bf16" in ran) == cpu_info().native_bf16
+    assert f"engines: {', '.join(expected)}" in printed.replace("\n", " ") and "left out: " in printed
+    assert all("error" not in r for r in payload["rows"]), [r.get("error") for r in payload["rows"]]
 
 
 def test_cli_help_lists_every_engine():
@@ -130,3 +180,100 @@ def test_summary_names_the_fastest_accurate_torch_free_engine():
     rows[4]["time_vs_mask0"] = 0.25
     (line,) = summary_lines(rows)
     assert "openvino, 4.00x PyTorch eager fp32, t/t(mask 0) 0.25" in line  # int8 is faster but below 0.999
+
+
+# -------------------------------------------------------------------------------------------------- roofline
+def test_encoder_flops_of_vit_b16():
+    config = get_preset("mae_vit_base_patch16")
+    assert encoder_flops(config, 196) / 1e9 == pytest.approx(35.1, abs=0.1)  # T = 197, no masking
+    assert encoder_flops(config, 49) / 1e9 == pytest.approx(8.8, abs=0.05)  # T = 50, mask 0.75
+    patch_embed = 2 * 196 * (16 * 16 * 3) * 768  # every patch is embedded before the kept ones are gathered
+    one_token = 12 * (2 * 768 * 3 * 768 + 2 * 2 * 768 + 2 * 768 * 768 + 2 * 2 * 768 * 3072)
+    assert encoder_flops(config, 0) == patch_embed + one_token
+
+
+def test_measure_peaks_tiny():
+    peaks, missing = measure_peaks(size=32, runs=1, cpu=AVX2_ONLY)
+    assert set(peaks) == {"fp32", "int8"} and missing == {"bf16": "no bf16 instructions on this CPU"}
+    for kind, peak in peaks.items():
+        assert peak.kind == kind and peak.gflops > 0 and peak.shape == (32, 32, 32) and peak.runs == 1
+        assert "onnxruntime" in peak.source and peak.to_dict()["unit"] in ("GFLOP/s", "GOP/s")
+    # A CPU with bf16 instructions gets a bf16 peak (emulated here on CPUs without them: tiny, so cheap).
+    bf16, _ = measure_peaks(size=32, runs=1, kinds=["bf16"], cpu=AMX)
+    assert bf16["bf16"].gflops > 0 and bf16["bf16"].unit == "GFLOP/s"
+    line = peaks_line(peaks, missing)
+    assert line.startswith("peak GEMM (32x32x32, best of 1): fp32 ") and "bf16 not measured (no bf16" in line
+    with pytest.raises(ValueError, match="fp4"):
+        measure_peaks(kinds=["fp4"])
+    assert PEAK_KINDS == ("fp32", "bf16", "int8")
+
+
+def test_peak_kind_follows_the_compute_precision():
+    assert [peak_kind(label, cpu=AMX) for label in ("torch", "onnx", "onnx-int8", "openvino-int8")] == [
+        "fp32",
+        "fp32",
+        "int8",
+        "int8",
+    ]
+    assert peak_kind("torch-bf16", cpu=AVX2_ONLY) == "bf16"
+    assert peak_kind("openvino", cpu=AMX) == "bf16" and peak_kind("openvino", cpu=AVX2_ONLY) == "fp32"
+    assert peak_kind("openvino-f32", cpu=AMX) == "fp32"
+    assert peak_kind("onnx", on_cpu=False) is None  # a GPU row has no CPU peak
+
+
+# ----------------------------------------------------------------------------------------- default engines
+def test_default_engines_on_cpus_without_gpus():
+    no_gpu = dict(gpus=[], packages=CPU_PACKAGES, onnx_providers=["CPUExecutionProvider"], torch_cuda=False)
+    labels, left_out = default_engines("mae_vit_test_patch8", cpu=AVX2_ONLY, **no_gpu)
+    assert labels == ["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"]
+    assert left_out["torch-bf16"] == "no bf16 instructions on this CPU"
+    assert all(left_out[label] == "no CUDA GPU" for label in ("torch-cuda", "onnx-cuda", "trt", "trt-fp16"))
+    assert left_out["onnx-fp16"] == left_out["openvino-f32"] == "only on request: --engines"
+    labels, _ = default_engines("mae_vit_test_patch8", cpu=AMX, **no_gpu)
+    assert labels == ["torch", "torch-bf16", "onnx", "onnx-int8", "openvino", "openvino-int8"]
+
+    without_openvino = {**no_gpu, "packages": {"onnxruntime": "1.32.0", "torch": "2.13.0"}}
+    labels, left_out = default_engines("mae_vit_test_patch8", cpu=AVX2_ONLY, **without_openvino)
+    assert labels == ["torch", "onnx", "onnx-int8"] and left_out["openvino-int8"] == "openvino is not installed"
+    line = describe_choice(labels, left_out)
+    assert line.startswith("engines: torch, onnx, onnx-int8; left out: torch-bf16 (no bf16 instructions")
+    assert "openvino, openvino-int8 (openvino is not installed)" in line
+    assert "torch-cuda, torch-cuda-fp16, onnx-cuda, trt, trt-fp16 (no CUDA GPU)" in line
+
+
+def test_default_engines_follow_the_model(tmp_path):
+    from mae.export import export_bundle
+
+    config = get_preset("mae_vit_test_patch8")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "model.pt", MaskedAutoencoder(config, decoder=False).state_dict(), config)
+    facts = dict(cpu=AMX, gpus=[], packages=CPU_PACKAGES, onnx_providers=["CPUExecutionProvider"], torch_cuda=False)
+    labels, left_out = default_engines(str(tmp_path / "model.pt"), **facts)
+    assert labels == ["torch", "torch-bf16"] and "weights run on torch only" in left_out["onnx"]
+    export_bundle(tmp_path / "model.pt", tmp_path / "bundle", precisions=["fp32"], verify=False)
+    labels, left_out = default_engines(str(tmp_path / "bundle"), **facts)
+    assert labels == ["torch", "torch-bf16", "onnx", "openvino"]
+    assert left_out["onnx-int8"] == left_out["openvino-int8"] == "the bundle has no int8 graph"
+
+
+def test_default_engines_with_a_gpu():
+    gpu = dict(
+        gpus=[GpuSummary("NVIDIA H200", "nvidia-smi")],
+        packages={**CPU_PACKAGES, "tensorrt": "10.13", "cuda-python": "12.9"},
+        onnx_providers=["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        torch_cuda=True,
+    )
+    labels, left_out = default_engines("mae_vit_test_patch8", cpu=AVX2_ONLY, **gpu)
+    assert labels == [
+        "torch",
+        "onnx-cpu",
+        "onnx-int8",
+        "openvino",
+        "openvino-int8",
+        "torch-cuda",
+        "torch-cuda-fp16",
+    ] + ["onnx-cuda"]
+    assert "onnx-cpu and onnx-cuda instead" in left_out["onnx"]  # "onnx" would pick the GPU by itself
+    assert "built into a bundle" in left_out["trt"]  # a preset's temporary bundle has no TensorRT engines
+    labels, left_out = default_engines("mae_vit_test_patch8", cpu=AVX2_ONLY, **{**gpu, "torch_cuda": False})
+    assert "torch-cuda" not in labels and left_out["torch-cuda"] == "PyTorch here has no CUDA"

@@ -171,6 +171,18 @@ def test_torch_engine_bf16_follows_the_cpu(on_cpu, weights):
     assert create_engine("torch", weights, precision="bf16", device="cpu").precision == "bf16"
 
 
+def test_bench_leaves_emulated_bf16_out(on_cpu, weights):
+    from mae.runtime.bench import bench, default_engines
+
+    on_cpu(ZEN3)
+    rows = bench(str(weights), "torch-bf16", batch_size=1, mask_ratios=[0.5], seconds=0.0, progress=False, peaks={})
+    assert rows[1]["engine"] == "torch-bf16" and "would be emulated" in rows[1]["error"]  # asked for: refused
+    labels, left_out = default_engines(str(weights), gpus=[])
+    assert labels == ["torch"] and left_out["torch-bf16"] == "no bf16 instructions on this CPU"  # not chosen
+    on_cpu(SAPPHIRE_RAPIDS)
+    assert default_engines(str(weights), gpus=[])[0] == ["torch", "torch-bf16"]
+
+
 def test_reconstruct_cli_refuses_emulated_bf16(on_cpu, monkeypatch, capsys, weights, photo_dir, tmp_path):
     on_cpu(ZEN3)
     photo = str(sorted(photo_dir.iterdir())[0])

@@ -79,6 +79,25 @@ def torch_details() -> dict[str, object]:
     }
 
 
+def matmul_seconds(size: int, precision: str = "bf16", runs: int = 5) -> tuple[float, str]:
+    """(best seconds of a CPU size x size x size matrix product at `precision`, torch version): PyTorch's side of
+    the bf16 peak in the roofline of `mae bench`."""
+    import time
+
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(getattr(torch, DTYPES[precision])) for _ in range(2))
+    with torch.inference_mode():
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(max(1, runs)):
+            began = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - began)
+    return max(best, 1e-9), torch.__version__
+
+
 class TorchEngine:
     """One graph of the PyTorch model, fp32 or bf16 (fp16 on CUDA), on CPU or CUDA.
 
