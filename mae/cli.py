@@ -39,6 +39,7 @@ class ExportFormat(str, Enum):
 
 
 class EngineName(str, Enum):
+    auto = "auto"
     onnx = "onnx"
     trt = "trt"
     torch = "torch"
@@ -137,6 +138,18 @@ def export(
     max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile: largest batch.")] = 64,
     opt_batch: Annotated[int | None, typer.Option(help="TensorRT profile: batch to optimize for.")] = None,
     workspace: Annotated[float, typer.Option(help="TensorRT workspace, GiB.")] = 4.0,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="int8: images to calibrate on (folder, list file or glob; default: crops of shipped photos)."
+        ),
+    ] = None,
+    calibration_count: Annotated[
+        int | None, typer.Option(min=8, help="int8: calibration images (default 64; some more are held out).")
+    ] = None,
+    int8_min_cosine: Annotated[
+        float | None, typer.Option(help="int8: least pooled cosine vs fp32 on held-out images (default 0.999).")
+    ] = None,
 ) -> None:
     """Export weights to a verified ONNX bundle, or build TensorRT engines from it."""
     from mae.export import run_export
@@ -149,11 +162,17 @@ def export(
 def reconstruct(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     model: Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")],
-    engine: Annotated[EngineName, typer.Option()] = EngineName.onnx,
+    engine: Annotated[
+        EngineName, typer.Option(help="auto: the fastest accurate engine for this machine (it says which and why).")
+    ] = EngineName.auto,
     provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.auto,
     precision: Annotated[
-        str, typer.Option(help="Bundle graph: fp32, fp16 or int8 (trt: fp32, fp16); torch: fp32, bf16 (fp16 on CUDA).")
-    ] = "fp32",
+        str | None,
+        typer.Option(
+            help="Bundle graph: fp32, fp16 or int8 (trt: fp32, fp16); torch: fp32, bf16 (fp16 on CUDA). Default: "
+            "auto's choice, else fp32."
+        ),
+    ] = None,
     mask_ratio: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.75,
     seed: Annotated[int | None, typer.Option(help="Masking seed.")] = 0,
     noise: Annotated[Path | None, typer.Option(help="Noise array [N, L] (.npy), smallest kept.")] = None,
@@ -179,9 +198,13 @@ def embed(
     input: Annotated[str, typer.Argument(help="Folder (recursive), text file of paths, or a glob.")],
     model: Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")],
     out: Annotated[Path, typer.Option(help="Output folder (embeddings/, metadata/, failures/, summary.json).")],
-    engine: Annotated[EngineName, typer.Option()] = EngineName.onnx,
+    engine: Annotated[
+        EngineName, typer.Option(help="auto: the fastest accurate engine for this machine (it says which and why).")
+    ] = EngineName.auto,
     provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.auto,
-    precision: Annotated[ExportPrecision, typer.Option()] = ExportPrecision.fp32,
+    precision: Annotated[
+        ExportPrecision | None, typer.Option(help="Bundle graph (default: auto's choice, else fp32).")
+    ] = None,
     pool: Annotated[
         Pool, typer.Option(help="Class token, mean of the patch tokens, both (2D), or every token (3-D files).")
     ] = Pool.cls,

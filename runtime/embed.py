@@ -135,6 +135,24 @@ def _path_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _choose_auto(model: str, out: Path, precision: str | None) -> tuple[str, str | None, dict[str, Any], str]:
+    """What `--engine auto` runs: on a resumed run the engine and precision its files were computed with (a
+    measurement made since must not make the rest of the run differ), else `mae.runtime.engines.auto.choose`."""
+    from mae.runtime.engines.auto import choose
+    from mae.runtime.shards import RUN_FILE
+
+    try:
+        recorded = json.loads((out / RUN_FILE).read_text()).get("params", {})
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    if recorded.get("engine") and recorded.get("precision") and precision in (None, recorded["precision"]):
+        engine, recorded_precision = recorded["engine"], recorded["precision"]
+        line = f"engine auto: {engine} {recorded_precision} (resuming: as this run began)"
+        return engine, recorded_precision, {}, line
+    choice = choose(model, "embed", precision)
+    return choice.engine, choice.precision, dict(choice.options), choice.line()
+
+
 def _preprocessing_for(model: str, engine: Any) -> Preprocessing:
     if is_bundle(Path(model)):
         return Bundle.load(Path(model)).preprocessing
@@ -496,9 +514,9 @@ def embed(
     input: str | os.PathLike,
     model: str | os.PathLike,
     out: str | os.PathLike,
-    engine: str | Any = "onnx",
+    engine: str | Any = "auto",
     provider: str = "auto",
-    precision: str = "fp32",
+    precision: str | None = None,
     pool: str = "cls",
     batch_size: int = 32,
     workers: int = 2,
@@ -527,11 +545,20 @@ def embed(
     inputs = list_inputs(input, exclude=out)
     spec = shard_spec(shard)
 
+    auto_line, extra = None, {}
+    if engine == "auto":
+        engine, precision, extra, auto_line = _choose_auto(model, out_folder.root, precision)
+        if progress:
+            import sys
+
+            print(auto_line, file=sys.stderr, flush=True)
+    precision = precision or "fp32"
     if isinstance(engine, str):
         from mae.runtime.engines import create_engine
 
         engine_name = engine
-        runner = create_engine(engine, model, part="encoder", precision=precision, provider=provider, device="auto")
+        options = {"provider": provider, "device": "auto", **extra}
+        runner = create_engine(engine, model, part="encoder", precision=precision, **options)
     else:
         runner, engine_name = engine, getattr(engine, "name", type(engine).__name__)
     config = runner.config
@@ -627,6 +654,8 @@ def embed(
         inputs, spec, out_folder, my_files, markers, pending, embedder, decoder, runner, engine_name, model, params,
         workers, batch_size, time.perf_counter() - started, pipeline_seconds,
     )  # fmt: skip
+    if auto_line:
+        summary["engine"]["auto"] = auto_line
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out_folder.root / _summary_name(spec), lambda handle: handle.write(text.encode()))
     failed = summary["counts"]["failed"]

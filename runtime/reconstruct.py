@@ -143,12 +143,26 @@ def _decoder_precision(model: _Model, precision: str, engine: str) -> str:
     return "fp32"
 
 
+def resolve_auto(model: Any, engine: str, precision: str | None) -> tuple[str, str, dict[str, Any], str | None]:
+    """(engine, precision, extra engine options, the line saying what auto chose) for reconstruction."""
+    if engine != "auto":
+        return engine, precision or "fp32", {}, None
+    from mae.runtime.engines.auto import choose
+
+    if not isinstance(model, (str, os.PathLike)):  # an in-memory MaskedAutoencoder
+        return "torch", precision or "fp32", {}, "engine auto: torch (an in-memory model)"
+    choice = choose(model, "reconstruct", precision)
+    return choice.engine, choice.precision, dict(choice.options), choice.line()
+
+
 def create_engines(
-    model: Any, engine: str = "onnx", precision: str = "fp32", **options: Any
+    model: Any, engine: str = "auto", precision: str | None = None, **options: Any
 ) -> tuple[Engine, Engine, list[str]]:
     """(encoder engine, decoder engine, notes) for reconstruction; weights are loaded once for both."""
+    engine, precision, extra, line = resolve_auto(model, engine, precision)
     resolved = _resolve_model(model, engine)
-    return _create_engines(resolved, engine, precision, options)
+    encoder, decoder, notes = _create_engines(resolved, engine, precision, {**options, **extra})
+    return encoder, decoder, ([line] if line else []) + notes
 
 
 def _create_engines(resolved: _Model, engine: str, precision: str, options: dict[str, Any]):  # noqa: ANN202
@@ -208,12 +222,12 @@ def _load_images(images: Sequence[ImageInput], pre: Preprocessing, resize: str |
 def reconstruct(
     images: Sequence[ImageInput],
     model: Any,
-    engine: str = "onnx",
+    engine: str = "auto",
     mask_ratio: float = 0.75,
     seed: int | None = 0,
     noise: str | os.PathLike | np.ndarray | None = None,
     resize: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     provider: str | None = None,
     device: str | None = None,
     batch_size: int = 16,
@@ -223,7 +237,8 @@ def reconstruct(
 ) -> ReconstructionResult:
     """Reconstruct images (files, uint8 [H, W, 3] arrays or Pillow images) with `model`.
 
-    model: a bundle directory, or (torch engine) weights or a MaskedAutoencoder. Masking comes from `noise`
+    model: a bundle directory, or (torch engine) weights or a MaskedAutoencoder. engine: onnx, openvino, trt,
+    torch or auto (`mae.runtime.engines.auto`; precision None lets it choose, else fp32). Masking comes from `noise`
     ([N, L] array or .npy, smallest kept, as Hugging Face's `noise`) or else from numpy noise seeded by `seed`.
     engines: an (encoder, decoder) pair from `create_engines`, to reuse across calls.
     progress: a progress bar over the batches (when there is more than one).
@@ -233,6 +248,9 @@ def reconstruct(
         raise MAEError("No images to reconstruct.")
     if not 0.0 <= mask_ratio < 1.0:
         raise MAEError(f"mask ratio {mask_ratio} must be in [0, 1)")
+    auto_line, auto_options = None, {}
+    if engines is None:
+        engine, precision, auto_options, auto_line = resolve_auto(model, engine, precision)
     resolved = _resolve_model(model, engine)
     cfg, pre = resolved.config, resolved.preprocessing
     names, sizes, pixel_values = _load_images(images, pre, resize)
@@ -240,10 +258,10 @@ def reconstruct(
     noise_array = load_noise(noise, count, length) if noise is not None else random_noise(count, length, seed)
     masking: Masking = masking_from_noise(noise_array, mask_ratio)
 
-    notes = list(resolved.notes)
+    notes = ([auto_line] if auto_line else []) + list(resolved.notes)
     if engines is None:
         options = {"provider": provider, "device": device or "auto", "allow_emulated_bf16": allow_emulated_bf16}
-        encoder, decoder, engine_notes = _create_engines(resolved, engine, precision, options)
+        encoder, decoder, engine_notes = _create_engines(resolved, engine, precision, {**options, **auto_options})
         notes += engine_notes
     else:
         encoder, decoder = engines
@@ -322,9 +340,9 @@ def write_arrays(result: ReconstructionResult, path: Path) -> Path:
 def run_reconstruct(
     images: Sequence[Path],
     model: str,
-    engine: str = "onnx",
+    engine: str = "auto",
     provider: str = "auto",
-    precision: str = "fp32",
+    precision: str | None = None,
     mask_ratio: float = 0.75,
     seed: int | None = 0,
     noise: Path | None = None,

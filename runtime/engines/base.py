@@ -58,9 +58,20 @@ def create_engine(name: str, model: object, part: str = "encoder", **options: ob
     options: precision ("fp32"|"fp16"|"int8"; torch also "bf16"), provider (onnx), device (torch, trt),
     num_threads, ... Options set to None are left at the engine's default, and an option that this engine does not
     have (say `provider` for torch) is dropped, so one set of command-line options can feed every engine.
+    name "auto": the engine `mae.runtime.engines.auto.choose` picks for this machine (embedding for the encoder,
+    reconstruction for the decoder; precision None lets it choose); the engine's `auto_choice` says what and why.
     """
     if part not in INPUT_NAMES:
         raise MAEError(f"Unknown graph {part!r}: use encoder or decoder")
+    if name == "auto":
+        from mae.runtime.engines.auto import choose
+
+        choice = choose(model, "embed" if part == "encoder" else "reconstruct", options.pop("precision", None))
+        engine = create_engine(
+            choice.engine, model, part, **{**options, "precision": choice.precision, **choice.options}
+        )
+        engine.auto_choice = choice
+        return engine
     engine_class = _engine_class(name)
     accepted = inspect.signature(engine_class).parameters
     return engine_class(model, part, **{k: v for k, v in options.items() if v is not None and k in accepted})
