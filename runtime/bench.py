@@ -496,10 +496,15 @@ def results_table(rows: list[dict[str, Any]], title: str):  # noqa: ANN201 - ric
             f"{row['cosine_cls']:.6f}",
             f"{row['cosine_mean']:.6f}",
             "" if speedup is None else f"{speedup:.3f}",
-            f"{row['effective_gflops']:.0f}" if "effective_gflops" in row else "",
+            _gflops_text(row["effective_gflops"]) if "effective_gflops" in row else "",
             "" if fraction is None else f"{fraction:.0%} {row['peak_kind']}",
         )
     return table
+
+
+def _gflops_text(value: float) -> str:
+    """Three significant figures without exponents: 1234, 56.7, 0.0263 (tiny test models)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def peaks_line(peaks: Mapping[str, Peak], missing: Mapping[str, str]) -> str:
