@@ -88,7 +88,7 @@ def _user_images(source: str | Path, preprocessing: Preprocessing, count: int, s
 
     inputs = list_inputs(source)
     order = np.random.default_rng(seed).permutation(len(inputs))
-    wanted = count + held_out_count(count + MAX_HELD_OUT)
+    wanted = count + held_out_count(count)
     names: list[str] = []
     pixels: list[np.ndarray] = []
     skipped = 0
@@ -102,7 +102,7 @@ def _user_images(source: str | Path, preprocessing: Preprocessing, count: int, s
             continue
         names.append(inputs.keys[index])
         pixels.append(array)
-    held = held_out_count(len(pixels))
+    held = held_out_count(count if len(pixels) >= wanted else len(pixels))
     if len(pixels) - held < MIN_CALIBRATION:
         raise MAEError(
             f"{source} gave {len(pixels)} readable images ({skipped} unreadable); int8 calibration needs at least "

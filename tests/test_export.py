@@ -20,6 +20,7 @@ from mae.errors import MAEError
 from mae.export import export_bundle
 from mae.export.graphs import FORBIDDEN_OPS, check_opset, export_graph, op_types
 from mae.export.metadata import read_metadata
+from mae.export.onnx_bundle import Int8Options
 from mae.export.verify import VerificationError
 from mae.model import MaskedAutoencoder
 from mae.runtime.bundle import Bundle, sha256_file
@@ -368,7 +369,9 @@ def test_encoder_only_with_external_data(tmp_path: Path, tiny_model: MaskedAutoe
     encoder_only = make_model(tiny_model.cfg, decoder=False)
     path = tmp_path / "encoder_only.pt"
     save_checkpoint(path, encoder_only.state_dict(), tiny_model.cfg)
-    bundle = export_bundle(path, tmp_path / "bundle", precisions=("fp32", "int8"), external_data_bytes=0)
+    bundle = export_bundle(
+        path, tmp_path / "bundle", precisions=("fp32", "int8"), external_data_bytes=0, int8=Int8Options(openvino=False)
+    )
     assert not bundle.has_decoder and bundle.precisions == ["fp32", "int8"]
     assert sorted(p.name for p in bundle.path.iterdir()) == [
         "encoder.int8.onnx",

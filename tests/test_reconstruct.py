@@ -275,7 +275,7 @@ def test_cli_errors_are_plain(tiny_bundle, photo_files, tmp_path, monkeypatch, c
         ((tmp_path / "missing.jpg", "--model", tiny_bundle.path), "no such file"),
         ((tmp_path / "notes.jpg", "--model", tiny_bundle.path), "not an image"),
         ((photo_files[0], "--model", tiny_bundle.path, "--noise", tmp_path / "noise.npy"), "expected [1, 16]"),
-        ((photo_files[0], "--model", weights), "--engine torch"),
+        ((photo_files[0], "--model", weights, "--engine", "onnx"), "--engine torch"),
         ((photo_files[0], "--model", tmp_path / "nowhere"), "does not exist"),
     ]
     for args, message in cases:
