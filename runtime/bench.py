@@ -517,6 +517,16 @@ def peaks_line(peaks: Mapping[str, Peak], missing: Mapping[str, str]) -> str:
     return f"peak GEMM ({'x'.join(map(str, first.shape))}, best of {first.runs}): " + "; ".join(parts)
 
 
+def remember(model: str, rows: list[dict[str, Any]]) -> Path | None:
+    """Store the rows of a bundle's benchmark for `--engine auto` (`mae.runtime.bench_cache`); presets and weights
+    have no bundle to remember them by."""
+    if not is_bundle(Path(model)):
+        return None
+    from mae.runtime.bench_cache import save_rows
+
+    return save_rows(Bundle.load(Path(model)), rows)
+
+
 def run_bench(
     model: str = "mae_vit_base_patch16",
     engines: str | None = None,
@@ -547,6 +557,7 @@ def run_bench(
     if roofline:
         console.print(peaks_line(peaks, missing), highlight=False)
     rows = bench(model, labels, batch_size=batch_size, mask_ratios=mask_ratio, seconds=seconds, peaks=peaks)
+    stored = remember(model, rows)
     title = f"Encoder throughput, {model}, batch {batch_size} (median of interleaved rounds)"
     console.print(results_table(rows, title))
     for line in summary_lines(rows):
@@ -564,6 +575,8 @@ def run_bench(
             "  GFLOP/s: encoder FLOPs per image (matrix products) x img/s; of peak: that over this CPU's peak GEMM of "
             "the precision the engine computes in"
         )
+    if stored is not None:
+        console.print(f"  stored for --engine auto on this machine: {stored}", highlight=False)
     if json_out is not None:
         payload = {
             "model": model,

@@ -10,6 +10,14 @@ import pytest
 from mae.config import get_preset
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`mae bench` stores measurements for `--engine auto` in a user cache: tests get their own, never the user's."""
+    import os
+
+    os.environ["MAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("mae-cache"))
+
+
 @pytest.fixture
 def tiny_config():
     """32 px images, 8 px patches (L = 16), 2 encoder blocks: milliseconds per step."""
