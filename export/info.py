@@ -66,6 +66,21 @@ def bundle_summary(path: str | os.PathLike) -> dict[str, Any]:
                     "verification": report,
                 }
             )
+    for precision, parts in (manifest.get("openvino") or {}).items():  # the NNCF int8 model
+        for part, entry in (parts or {}).items():
+            file_path = bundle.path / entry["file"]
+            graphs.append(
+                {
+                    "precision": precision,
+                    "part": f"{part} (OpenVINO)",
+                    "file": entry["file"],
+                    "exists": file_path.is_file(),
+                    "bytes": entry.get("bytes"),
+                    "sha256": entry.get("sha256"),
+                    "metadata": {},
+                    "verification": entry.get("verification") or {},
+                }
+            )
     engines = []
     for precision, parts in (manifest.get("engines") or {}).items():
         for part, entry in parts.items():
@@ -99,8 +114,31 @@ def bundle_summary(path: str | os.PathLike) -> dict[str, Any]:
             (report.get("inputs") for report in (manifest.get("verification") or {}).values() if "inputs" in report),
             None,
         ),
+        "int8": manifest.get("int8"),
         "notes": manifest.get("notes") or [],
     }
+
+
+def int8_lines(summary: dict[str, Any]) -> list[str]:
+    """How the int8 graphs were made and where they were verified, for `mae info` and `mae export`."""
+    record = summary.get("int8")
+    if not record:
+        return []
+    calibration = record.get("calibration") or {}
+    lines = [f"int8 {engine}: {method}" for engine, method in (record.get("method") or {}).items()]
+    lines.append(
+        f"int8 calibration: {calibration.get('count')} images from {calibration.get('source')}, "
+        f"{calibration.get('held_out')} held out; gate: pooled cosine >= {record.get('min_cosine')}"
+    )
+    cpu = record.get("verified_on")
+    lines.append(
+        f"int8 verified on: {cpu['model']} ({', '.join(cpu['isa'])}; {cpu['int8_class']} int8 class)"
+        if cpu
+        else "int8 not verified (exported with verify=False)"
+    )
+    if record.get("openvino_refused"):
+        lines.append(f"int8 OpenVINO model left out: {record['openvino_refused']}")
+    return lines
 
 
 def _graph_table(summary: dict[str, Any], title: str):  # noqa: ANN202 - rich Table
@@ -185,6 +223,8 @@ def describe_bundle(path: str | os.PathLike, console: Any = None) -> dict[str, A
             f"verified on {', '.join(inputs['images'])}; mask ratios {inputs['mask_ratios']}, "
             f"batch sizes {inputs['batch_sizes']}"
         )
+    for line in int8_lines(summary):
+        console.print(line, highlight=False)
     if summary["engines"]:
         engines = Table(title="TensorRT engines", title_justify="left")
         for column in ("precision", "graph", "file", "size", "TensorRT", "GPU", "compute capability"):
@@ -216,5 +256,7 @@ def print_export_summary(bundle: Bundle, console: Any = None) -> None:
     tolerances = _tolerance_lines(summary)
     if tolerances:
         console.print("tolerances: " + "; ".join(tolerances))
+    for line in int8_lines(summary):
+        console.print(line, highlight=False)
     if not summary["has_decoder"]:
         console.print("The weights have no decoder: the bundle holds the encoder only (embeddings, no reconstruction).")
