@@ -272,3 +272,61 @@ def test_cli_gate_refuses_and_leaves_nothing(tmp_path: Path, weights: Path, caps
         text = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in text and "Traceback" not in text, text
         assert not out.exists()
+
+
+QEMU_SCRIPT = """
+import sys
+import numpy as np
+import onnxruntime as ort
+
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+arrays = np.load(sys.argv[1])
+for index, graph in enumerate(sys.argv[3:]):
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    feeds = {"pixel_values": arrays["pixel_values"], "ids_keep": arrays["ids_keep"]}
+    np.save(f"{sys.argv[2]}.{index}.npy", session.run(["latent"], feeds)[0])
+"""
+
+
+def test_onnx_int8_is_exact_on_real_avx2_kernels(tmp_path: Path) -> None:
+    """ONNX Runtime's own AVX2 int8 kernels (MLAS), run under QEMU emulating a Haswell CPU (AVX2, no AVX-512, no
+    VNNI) whatever this CPU is: our int8 graph gives exactly the outputs it gives natively; plain 8-bit weights
+    saturate there and drift (the AMD Zen 3 failure, reproduced on any x86 machine)."""
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from mae.config import get_preset
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None or hardware.cpu_info().machine != "x86_64":
+        pytest.skip("needs qemu-x86_64 on x86_64 (Debian: apt-get install qemu-user) to run AVX2 kernels")
+    weights = save_random_weights(get_preset("mae_vit_test_patch8"), tmp_path / "tiny.pt", seed=0, decoder=False)
+    tiny = export_bundle(weights, tmp_path / "bundle", ("fp32", "int8"), int8=Int8Options(openvino=False))
+    eight_bit = tmp_path / "eight_bit.onnx"
+    quantize_dynamic(str(tiny.graph("encoder", "fp32")), str(eight_bit), weight_type=QuantType.QInt8)
+    _, pixels = reference_pixels(tiny.preprocessing)
+    pixels = np.concatenate([pixels] * 4)  # 16 images
+    ids_keep = masking_from_noise(random_noise(len(pixels), tiny.config.num_patches, 1), 0.0).ids_keep
+    np.savez(tmp_path / "inputs.npz", pixel_values=pixels, ids_keep=ids_keep)
+    (tmp_path / "run.py").write_text(QEMU_SCRIPT)
+    graphs = [str(tiny.graph("encoder", "fp32")), str(tiny.graph("encoder", "int8")), str(eight_bit)]
+    args = [str(tmp_path / "run.py"), str(tmp_path / "inputs.npz")]
+    native = subprocess.run([sys.executable, *args, str(tmp_path / "native"), *graphs], capture_output=True, text=True)
+    assert native.returncode == 0, native.stderr[-2000:]
+    emulated = subprocess.run(
+        [qemu, "-cpu", "Haswell", os.path.realpath(sys.executable), *args, str(tmp_path / "haswell"), *graphs],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert emulated.returncode == 0, emulated.stderr[-2000:]
+    load = lambda prefix, index: np.load(tmp_path / f"{prefix}.{index}.npy")  # noqa: E731
+    fp32 = load("native", 0)
+    ours_native, ours_avx2 = load("native", 1), load("haswell", 1)
+    np.testing.assert_allclose(ours_avx2, ours_native, rtol=0, atol=1e-5 * float(np.abs(fp32).max()))
+    for latent in (ours_native, ours_avx2):
+        assert cosine(latent[:, 0], fp32[:, 0]).min() >= 0.999
+    plain_native, plain_avx2 = load("native", 2), load("haswell", 2)
+    assert np.abs(plain_avx2 - plain_native).max() > 1e-2 * np.abs(fp32).max()  # saturated on AVX2
