@@ -317,12 +317,12 @@ def export_bundle(
             manifest.setdefault("verification", {})[precision] = reports[precision]
         stale: list[str] = []
         if int8_record is not None:
-            openvino_entry = int8_record.pop("openvino_encoder", None)
+            new_model = int8_record.pop("openvino_encoder", None)
             old = (manifest.get("openvino") or {}).pop("int8", None)
-            if old is not None:  # the previous int8 export's OpenVINO model, replaced or dropped
-                stale = [name for name in _files_of(old["encoder"]) if openvino_entry is None]
-            if openvino_entry is not None:
-                manifest.setdefault("openvino", {})["int8"] = {"encoder": openvino_entry}
+            if old is not None and new_model is None:  # the previous int8 export's OpenVINO model, now dropped
+                stale = _files_of(old["encoder"])
+            if new_model is not None:
+                manifest.setdefault("openvino", {})["int8"] = {"encoder": new_model}
             if not manifest.get("openvino"):
                 manifest.pop("openvino", None)
             manifest["int8"] = int8_record
@@ -462,6 +462,8 @@ def _export_precisions(
                 if int8.openvino:  # asked for by name: its failure is the export's
                     raise
                 # Built because OpenVINO happens to be installed: the verified ONNX Runtime int8 graph stands.
+                for name in (OPENVINO_INT8_FILE, Path(OPENVINO_INT8_FILE).with_suffix(".bin").name):
+                    (staging / name).unlink(missing_ok=True)  # never part of a new bundle
                 steps.note(f"  no OpenVINO int8 model: {exc.message}")
                 int8_record["openvino_refused"] = exc.message
         else:

@@ -330,3 +330,23 @@ def test_onnx_int8_is_exact_on_real_avx2_kernels(tmp_path: Path) -> None:
         assert cosine(latent[:, 0], fp32[:, 0]).min() >= 0.999
     plain_native, plain_avx2 = load("native", 2), load("haswell", 2)
     assert np.abs(plain_avx2 - plain_native).max() > 1e-2 * np.abs(fp32).max()  # saturated on AVX2
+
+
+def test_openvino_model_below_the_gate(tmp_path: Path, weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built only because OpenVINO is installed: left out (no file, a note in mae.json), the ONNX Runtime graph
+    stands. Asked for by name: the export fails and leaves nothing."""
+    from mae.export import onnx_bundle
+    from mae.export.verify import VerificationError
+
+    def refuse(*_: object, **__: object) -> None:
+        raise VerificationError("The int8 encoder (encoder.int8.xml) does not match PyTorch: cosine 0.5 < 0.999")
+
+    monkeypatch.setattr(onnx_bundle, "verify_openvino_model", refuse)
+    kept = export_bundle(weights, tmp_path / "kept", ("fp32", "int8"), int8=Int8Options(calibration_count=8))
+    assert sorted(p.name for p in kept.path.iterdir()) == ["encoder.int8.onnx", "encoder.onnx", "mae.json"]
+    assert "cosine 0.5" in kept.manifest["int8"]["openvino_refused"] and "openvino" not in kept.manifest
+    assert kept.manifest["verification"]["int8"]["encoder"]["passed"]
+    with pytest.raises(VerificationError, match="cosine 0.5"):
+        asked = Int8Options(calibration_count=8, openvino=True)
+        export_bundle(weights, tmp_path / "asked", ("fp32", "int8"), int8=asked)
+    assert not (tmp_path / "asked").exists() and [p.name for p in tmp_path.iterdir()] == ["kept"]
