@@ -35,6 +35,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -119,6 +120,12 @@ def model_checksum(model: str, engine_name: str, precision: str) -> str:
 
             source = bundle_source(path)
             return _path_checksum(source) if source is not None else _path_checksum(bundle.graph("encoder", precision))
+        if engine_name == "openvino" and precision == "int8":  # the NNCF model, not the ONNX Runtime graph
+            from mae.runtime.engines.openvino import int8_model_path
+
+            path = int8_model_path(bundle, "encoder")  # an MAEError when the bundle has none
+            entry = bundle.manifest["openvino"]["int8"]["encoder"]
+            return str(entry.get("sha256") or sha256_file(path))
         recorded = bundle.manifest.get("graphs", {}).get(precision, {}).get("encoder", {}).get("sha256")
         return str(recorded) if recorded else sha256_file(bundle.graph("encoder", precision))
     if not path.exists():
@@ -549,8 +556,6 @@ def embed(
     if engine == "auto":
         engine, precision, extra, auto_line = _choose_auto(model, out_folder.root, precision)
         if progress:
-            import sys
-
             print(auto_line, file=sys.stderr, flush=True)
     precision = precision or "fp32"
     if isinstance(engine, str):

@@ -15,11 +15,19 @@ import contextlib
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from mae.errors import MAEError, require
-from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_graph_precision, check_inputs, load_bundle
+from mae.runtime.engines.base import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    check_graph_precision,
+    check_inputs,
+    load_bundle,
+    warn_int8_cpu,
+)
 
 INFERENCE_PRECISIONS = {"auto": None, "bf16": "bf16", "f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16"}
 MAX_COMPILED_SHAPES = 8  # static-shape compilations kept (each holds its own copy of the weights)
@@ -70,7 +78,7 @@ def compile_options(
     return options
 
 
-def int8_model_path(bundle: object, part: str) -> object:  # Bundle -> Path
+def int8_model_path(bundle: object, part: str) -> Path:  # bundle: mae.runtime.bundle.Bundle
     """The bundle's OpenVINO int8 model (IR) for `part`, or an MAEError saying how to make one."""
     entry = ((bundle.manifest.get("openvino") or {}).get("int8") or {}).get(part)
     if not entry:
@@ -142,8 +150,6 @@ class OpenVINOEngine:
         self.bundle = load_bundle(model, "openvino")
         self.config = self.bundle.config
         if precision == "int8":
-            from mae.runtime.engines.base import warn_int8_cpu
-
             self.graph_path = int8_model_path(self.bundle, part)
             warn_int8_cpu(self.bundle, "openvino")
         else:
