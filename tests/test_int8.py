@@ -34,6 +34,9 @@ openvino = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 AMD_ZEN3 = hardware.CpuInfo("AMD EPYC 7B13 64-Core Processor", frozenset({"avx2", "fma", "sse4_2"}), "x86_64", 2)
+SAPPHIRE_RAPIDS = hardware.CpuInfo(
+    "Intel Xeon Platinum 8481C", frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"}), "x86_64", 2
+)
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +193,10 @@ def test_int8_engines_on_a_capped_isa(bundle: Bundle, weights: Path) -> None:
 
 
 def test_warns_once_on_another_cpu_class(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_ZEN3)
+    other = SAPPHIRE_RAPIDS if hardware.cpu_info().int8_class == "avx2" else AMD_ZEN3  # a class the export was not on
+    monkeypatch.setattr(hardware, "cpu_info", lambda: other)
     monkeypatch.setattr(engines_base, "_INT8_WARNED", set())
-    with pytest.warns(RuntimeWarning, match=r"verified on .*; this CPU is AMD EPYC 7B13 .*\(avx2\)"):
+    with pytest.warns(RuntimeWarning, match=rf"verified on .*; this CPU is {other.model} \({other.int8_class}\)"):
         create_engine("onnx", bundle.path, precision="int8")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
