@@ -102,9 +102,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per pass (default: about 5 s worth)")
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--allow-emulated-bf16", action="store_true", help="time bf16 on a CPU without it anyway")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from mae.errors import MAEError
+    from mae.runtime.hardware import cpu_info, require_native_bf16
+
+    try:  # emulated bf16 takes many times longer than fp32: this benchmark would seem to hang
+        require_native_bf16("bench/train_speed.py's bf16 pass", allow_emulated=args.allow_emulated_bf16)
+    except MAEError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_info().describe()}")
     results = []
     for preset in args.models:
         batch = args.batch or DEFAULT_BATCH.get(preset, 8)
