@@ -337,24 +337,10 @@ def gpu_info() -> GpuInfo | None:
             return GpuInfo(torch.cuda.get_device_name(0), f"{major}.{minor}")
     except ImportError:
         pass
-    for module_name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            cudart = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        try:
-            error, count = cudart.cudaGetDeviceCount()
-            if int(error) != 0 or count < 1:
-                return None
-            error, properties = cudart.cudaGetDeviceProperties(0)
-            if int(error) != 0:
-                return None
-            name = properties.name
-            name = name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)
-            return GpuInfo(name, f"{properties.major}.{properties.minor}")
-        except Exception:  # a driver that fails to initialize means: no usable GPU
-            return None
-    return None
+    from mae.runtime.hardware import cudart_gpus
+
+    gpus = cudart_gpus() or []
+    return GpuInfo(gpus[0].name, str(gpus[0].compute_capability)) if gpus else None
 
 
 def check_tensorrt_available() -> tuple[Any, GpuInfo]:

@@ -205,17 +205,18 @@ def require_native_bf16(purpose: str, cpu: CpuInfo | None = None, allow_emulated
 class GpuSummary:
     name: str
     source: str  # what found it: cuda-python, nvidia-smi
+    compute_capability: str | None = None  # "8.9"; None where nvidia-smi -L found it
 
 
-def cuda_gpus() -> list[GpuSummary]:
-    """The CUDA GPUs visible here, found without torch: cuda-python when installed, else `nvidia-smi -L`.
+def cudart_gpus() -> list[GpuSummary] | None:
+    """The CUDA GPUs cuda-python sees (name, compute capability); None when cuda-python is not installed.
 
-    A driver that fails to initialize counts as no GPU.
+    A driver that fails to initialize (or a bindings/driver mismatch) counts as no GPU.
     """
+    import importlib
+
     for module_name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
-            import importlib
-
             cudart = importlib.import_module(module_name)
         except ImportError:
             continue
@@ -226,12 +227,22 @@ def cuda_gpus() -> list[GpuSummary]:
             gpus = []
             for index in range(count):
                 error, properties = cudart.cudaGetDeviceProperties(index)
-                name = properties.name if int(error) == 0 else b"CUDA GPU"
+                if int(error) != 0:
+                    continue
+                name = properties.name
                 name = name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)
-                gpus.append(GpuSummary(name, "cuda-python"))
+                gpus.append(GpuSummary(name, "cuda-python", f"{properties.major}.{properties.minor}"))
             return gpus
         except Exception:
             return []
+    return None
+
+
+def cuda_gpus() -> list[GpuSummary]:
+    """The CUDA GPUs visible here, found without torch: cuda-python when installed, else `nvidia-smi -L`."""
+    found = cudart_gpus()
+    if found is not None:
+        return found
     if shutil.which("nvidia-smi") is None:
         return []
     try:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 
 from mae.config import get_preset
 from mae.export import export_bundle
@@ -137,39 +137,27 @@ def test_create_engine_auto(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> 
     )
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, *args: object) -> int:
-    from mae.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["mae", *map(str, args)])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 def test_cli_embed_says_what_auto_chose_and_resumes_with_it(
     bundle: Bundle, photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setattr(hardware, "cpu_info", lambda: AMD_ZEN3)
     out = tmp_path / "emb"
-    assert run_cli(monkeypatch, "embed", photo_dir, "--model", bundle.path, "--out", out, "--workers", 0) == 0
-    err = capsys.readouterr().err
-    assert "engine auto: onnx int8 (avx2 int8 class CPU" in err
+    code, text = run_cli(monkeypatch, capsys, "embed", photo_dir, "--model", bundle.path, "--out", out, "--workers", 0)
+    assert code == 0 and "engine auto: onnx int8 (avx2 int8 class CPU" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"]["precision"] == "int8" and summary["engine"]["auto"].startswith("engine auto: onnx int8")
     # A measurement made since prefers another engine; the run's own files were made with int8, so it stays.
     save_rows(bundle, rows("onnx", 1.0))
     assert choose(bundle.path, "embed").label == "onnx fp32"
     (out / "done" / "00000.json").unlink()  # as if killed before the last marker
-    assert run_cli(monkeypatch, "embed", photo_dir, "--model", bundle.path, "--out", out, "--workers", 0) == 0
-    assert "resuming: as this run began" in capsys.readouterr().err
+    code, text = run_cli(monkeypatch, capsys, "embed", photo_dir, "--model", bundle.path, "--out", out, "--workers", 0)
+    assert code == 0 and "resuming: as this run began" in text
 
 
 def test_cli_reconstruct_default_is_auto(
     bundle: Bundle, photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     photo = sorted(photo_dir.iterdir())[0]
-    assert run_cli(monkeypatch, "reconstruct", photo, "--model", bundle.path, "--out", tmp_path / "r.png") == 0
-    assert "engine auto: onnx fp32" in capsys.readouterr().out
+    code, text = run_cli(monkeypatch, capsys, "reconstruct", photo, "--model", bundle.path, "--out", tmp_path / "r.png")
+    assert code == 0 and "engine auto: onnx fp32" in text
     assert (tmp_path / "r.png").is_file()

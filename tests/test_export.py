@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from cli_runner import run_cli
 
 from mae.checkpoint import save_checkpoint
 from mae.config import MAEConfig
@@ -406,19 +406,6 @@ def test_describe_bundle(bundle: Bundle) -> None:
     assert "skimage.data.astronaut" in text and "resize center" in text
     assert [(g["precision"], g["part"]) for g in summary["graphs"]] == [("fp32", "encoder"), ("fp32", "decoder")]
     assert summary["graphs"][0]["metadata"]["precision"] == "fp32"
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    from mae import cli
-
-    monkeypatch.setattr(sys, "argv", ["mae", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_info:
-        code = int(exit_info.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def test_cli_errors_are_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, checkpoint: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from mae.checkpoint import save_checkpoint
 from mae.config import get_preset
@@ -71,19 +72,6 @@ def weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hardware") / "tiny.pt"
     save_checkpoint(path, MaskedAutoencoder(config).state_dict(), config)
     return path
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    from mae import cli
-
-    monkeypatch.setattr(sys, "argv", ["mae", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exit_info:
-        code = int(exit_info.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 # ------------------------------------------------------------------------------------------------ CpuInfo
@@ -228,3 +216,24 @@ def test_info_system_reports_the_cpu_and_engines(on_cpu, monkeypatch, capsys):
 def test_info_needs_a_path_or_system(monkeypatch, capsys):
     code, text = run_cli(monkeypatch, capsys, "info")
     assert code == 2 and "Nothing to describe" in text and "--system" in text and "Traceback" not in text
+
+
+def test_cuda_gpus_through_cuda_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda-python's view (name, compute capability) feeds both `auto` and the TensorRT build's GPU check; a driver
+    that fails to initialize is no GPU."""
+    import types
+
+    from mae.export import tensorrt as trt_export
+
+    class Properties:
+        name, major, minor = b"NVIDIA L4\0\0", 8, 9
+
+    fake = types.ModuleType("cuda.bindings.runtime")
+    fake.cudaGetDeviceCount = lambda: (0, 1)
+    fake.cudaGetDeviceProperties = lambda index: (0, Properties())
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", fake)
+    assert hardware.cuda_gpus() == [hardware.GpuSummary("NVIDIA L4", "cuda-python", "8.9")]
+    monkeypatch.setitem(sys.modules, "torch", None)  # no torch: the TensorRT check asks cuda-python too
+    assert trt_export.gpu_info() == trt_export.GpuInfo("NVIDIA L4", "8.9")
+    fake.cudaGetDeviceCount = lambda: (35, 0)  # cudaErrorInsufficientDriver
+    assert hardware.cuda_gpus() == [] and trt_export.gpu_info() is None
