@@ -161,3 +161,22 @@ def test_cli_reconstruct_default_is_auto(
     code, text = run_cli(monkeypatch, capsys, "reconstruct", photo, "--model", bundle.path, "--out", tmp_path / "r.png")
     assert code == 0 and "engine auto: onnx fp32" in text
     assert (tmp_path / "r.png").is_file()
+
+
+def test_a_cuda_gpu_comes_first(bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a GPU: the bundle's TensorRT engine when TensorRT is installed (fp16 first), else ONNX Runtime's CUDA
+    provider; without either, the CPU rules."""
+    from mae.runtime.engines import auto
+
+    def with_engines(manifest: dict) -> None:
+        manifest["engines"] = {p: {"encoder": {"file": f"encoder.{p}.engine"}} for p in ("fp32", "fp16")}
+
+    path = edited(bundle, tmp_path, with_engines)
+    monkeypatch.setattr(hardware, "cuda_gpus", lambda: [hardware.GpuSummary("NVIDIA L4", "cuda-python", "8.9")])
+    installed = auto._installed
+    monkeypatch.setattr(auto, "_installed", lambda module: module == "tensorrt" or installed(module))
+    assert choose(path, "embed", cpu=AMD_ZEN3).label == "trt fp16"
+    assert choose(path, "embed", precision="fp32", cpu=AMD_ZEN3).label == "trt fp32"
+    assert choose(bundle.path, "embed", cpu=AMD_ZEN3).label == "onnx int8"  # no engine built: no CUDA provider here
+    monkeypatch.setattr(auto, "_onnxruntime_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert choose(bundle.path, "embed", cpu=AMD_ZEN3).label == "onnx fp32 provider=cuda"
