@@ -17,6 +17,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's boxed tables cut option names and values at 80 columns and label flags `<bool>`.
+    rich_markup_mode=None,
 )
 
 
@@ -310,7 +312,7 @@ def main() -> None:
     """Entry point: user errors are printed plainly (no traceback) with exit status 2."""
     try:
         # Outside standalone mode Typer turns Ctrl-C (and typer.Exit) into a returned exit code.
-        exit_code = app(standalone_mode=False)
+        exit_code = app(standalone_mode=False, prog_name="mae")
         if isinstance(exit_code, int) and exit_code:
             if exit_code == 130:
                 typer.secho("Interrupted.", err=True)
@@ -328,13 +330,37 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("Interrupted.", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+    except Exception as exc:  # usage errors: an unknown option or command, a bad choice, a missing argument
+        if not isinstance(exc, click_exception_types()):
+            raise
+        show_usage_error(exc)
+        sys.exit(exc.exit_code)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def click_exception_types() -> tuple[type[Exception], ...]:
+    """ClickException of every click this typer may use: typer >= 0.24 vendors its own (`typer._click`), earlier ones
+    use the `click` package; catching only one lets the other's usage errors through as tracebacks."""
+    import importlib
+
+    found = []
+    for module_name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module_name).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def show_usage_error(exc: Exception) -> None:
+    """One line saying what is wrong and a hint, like MAEError; `mae` alone prints the help."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: no arguments where some are needed
+        exc.show()
+        return
+    context = getattr(exc, "ctx", None)
+    command = getattr(context, "command_path", None) or "mae"
+    typer.secho(f"error: {exc.format_message()}", fg=typer.colors.RED, err=True)
+    listed = "the commands and options" if command == "mae" else "its options"
+    typer.secho(f"  hint: `{command} --help` lists {listed}", err=True)
 
 
 if __name__ == "__main__":
