@@ -237,7 +237,9 @@ def embed(
 # -------------------------------------------------------------------------------------------------- bench
 @app.command()
 def bench(
-    model: Annotated[str, typer.Option(help="Bundle directory or preset name.")] = "mae_vit_base_patch16",
+    model: Annotated[
+        str, typer.Option(help="A preset (random weights), weights (torch engines only) or a bundle directory.")
+    ] = "mae_vit_base_patch16",
     engines: Annotated[
         str | None,
         typer.Option(

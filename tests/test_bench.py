@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import sys
 
 import numpy as np
@@ -123,6 +124,12 @@ def test_cli_bench_on_a_preset_writes_json(tmp_path, monkeypatch, capsys):
     assert rows["onnx-int8", 0.0]["peak_kind"] == "int8" and rows["onnx", 0.0]["peak_kind"] == "fp32"
     assert all(r["fraction_of_peak"] > 0 for r in payload["rows"] if "error" not in r)
     assert payload["engines_left_out"] == {}  # the engines were named
+    # Each row is printed as soon as its mask ratio is measured, before the table; the gate is applied to each.
+    first_row = printed.index("onnx-int8       mask 0.75")
+    assert first_row < printed.index("onnx-int8       mask 0 ") < printed.index("Encoder throughput")
+    assert all(
+        r["below_gate"] == (min(r["cosine_cls"], r["cosine_mean"]) < 0.999) for r in rows.values() if "error" not in r
+    )
 
 
 @pytest.mark.slow
@@ -154,7 +161,7 @@ def test_cli_help_lists_every_engine():
 
     result = CliRunner().invoke(app, ["bench", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    listed = {word.strip(",.") for word in result.output.split()}
+    listed = {word.strip(",.") for word in re.sub(r"-\s+", "-", result.output).split()}  # help wraps at hyphens
     assert set(ENGINE_SPECS) <= listed
 
 
@@ -180,6 +187,31 @@ def test_summary_names_the_fastest_accurate_torch_free_engine():
     rows[4]["time_vs_mask0"] = 0.25
     (line,) = summary_lines(rows)
     assert "openvino, 4.00x PyTorch eager fp32, t/t(mask 0) 0.25" in line  # int8 is faster but below 0.999
+
+
+def test_rows_below_the_gate_are_flagged():
+    """As `mae export` refuses int8 below 0.999, the bench marks such a row wherever it shows it."""
+    from rich.console import Console
+
+    from mae.runtime.bench import results_table, row_line
+
+    good = {"engine": "onnx", "mask_ratio": 0.0, "kept": 16, "images_per_s": 50.0, "ratio_vs_torch": 2.0}
+    good.update(cosine_cls=1.0, cosine_mean=1.0, below_gate=False)
+    bad = {**good, "engine": "onnx-int8", "cosine_cls": 0.954, "below_gate": True}
+    assert "never picked" in row_line(bad) and "never picked" not in row_line(good)
+    console = Console(width=200, record=True)
+    console.print(results_table([good, bad], "t"))
+    text = console.export_text()
+    assert "! 0.954000" in text and "pooled cosine below 0.999" in text
+    console = Console(width=200, record=True)
+    console.print(results_table([good], "t"))
+    assert "below 0.999" not in console.export_text()
+
+
+def test_timing_rounds_report_progress():
+    seen = []
+    timing_rounds({"a": lambda: None}, budget_s=0.0, block_s=0.0, min_rounds=4, on_round=lambda n, s: seen.append(n))
+    assert seen == [1, 2, 3, 4]
 
 
 # -------------------------------------------------------------------------------------------------- roofline
