@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mae.config import get_preset
-from mae.errors import MAEError, MissingDependency
+from mae.errors import MAEError
 from mae.export.tensorrt import SIDECAR_FORMAT
 from mae.model import MaskedAutoencoder
 from mae.runtime.bundle import Bundle, Preprocessing
@@ -334,9 +334,31 @@ def test_unloadable_plan_and_wrong_graph(tmp_path, tiny_model, fakes):
 
 def test_without_tensorrt_the_error_names_the_extra(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as if not installed
-    with pytest.raises(MissingDependency, match="needs the Python package 'tensorrt'") as info:
+    with pytest.raises(MAEError, match="missing here: the Python package 'tensorrt'") as info:
         create_engine("trt", fake_bundle(tmp_path, tiny_model.cfg))
-    assert "mae-toolkit[tensorrt]" in info.value.hint
+    assert "mae-toolkit[gpu,tensorrt]" in info.value.hint
+
+
+def test_what_is_missing_comes_before_how_to_build(tmp_path, tiny_model, monkeypatch):
+    """A bundle without engines on a machine without TensorRT or a GPU: the message names what is missing, and
+    does not send the user to `mae export --format trt`, which would refuse for the same reason."""
+    from mae.export import export_bundle
+    from mae.runtime.engines.torch import save_random_weights
+
+    weights = save_random_weights(tiny_model.cfg, tmp_path / "w.pt", decoder=False)
+    bundle = export_bundle(weights, tmp_path / "bundle", verify=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(trt_engine, "_cudart", lambda: (_ for _ in ()).throw(MAEError("no cuda-python")))
+    with pytest.raises(MAEError) as info:
+        create_engine("trt", bundle.path)
+    message = str(info.value)
+    assert "'tensorrt'" in message and "'cuda-python'" in message and "build one on this machine" not in message
+    cudart = FakeCudart()
+    cudart.cudaGetDeviceCount = lambda: (0, 0)  # a driver that sees no GPU
+    monkeypatch.setattr(trt_engine, "_cudart", lambda: cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(None))
+    with pytest.raises(MAEError, match=r"missing here: CUDA GPU 0 \(the driver reports no usable GPU\)"):
+        create_engine("trt", bundle.path)
 
 
 # --------------------------------------------------------------------------------- real TensorRT + CUDA

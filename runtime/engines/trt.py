@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mae.errors import MAEError, require
+from mae.errors import MAEError
 from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle
 
 EXTRA = "tensorrt"
@@ -153,6 +153,35 @@ def _cudart():  # noqa: ANN202 - the cuda-python runtime module
     return runtime
 
 
+def _require_tensorrt_and_gpu(device_index: int) -> tuple[Any, Any]:
+    """(tensorrt, cuda-python runtime) with CUDA GPU `device_index` usable, or one MAEError naming all that is
+    missing: the packages, the GPU."""
+    import importlib
+
+    missing = []
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        trt = None
+        missing.append("the Python package 'tensorrt'")
+    try:
+        cudart = _cudart()
+    except MAEError:
+        cudart = None
+        missing.append("the Python package 'cuda-python'")
+    if cudart is not None:
+        count = cudart.cudaGetDeviceCount()
+        if count[0] != cudart.cudaError_t.cudaSuccess or count[1] <= device_index:
+            missing.append(f"CUDA GPU {device_index} (the driver reports no usable GPU)")
+    if missing:
+        raise MAEError(
+            f"The trt engine needs TensorRT, cuda-python and an NVIDIA GPU; missing here: {'; '.join(missing)}.",
+            hint=f"on a machine with an NVIDIA GPU and driver: pip install 'mae-toolkit[gpu,{EXTRA}]', then build the "
+            "engines there (mae export BUNDLE --format trt); on this machine use --engine auto or onnx",
+        )
+    return trt, cudart
+
+
 def _check(cudart, result: tuple) -> Any:  # noqa: ANN001
     """cuda-python calls return (error, *values): raise on error, return the value(s)."""
     error, *values = result
@@ -192,21 +221,15 @@ class TensorRTEngine:
         self.precision = precision
         self.bundle = load_bundle(model, "trt")
         self.config = self.bundle.config
+        self.device_index = parse_cuda_device(device)
+        # What this machine lacks comes first: how to build an engine is no help where none can be built.
+        trt, cudart = _require_tensorrt_and_gpu(self.device_index)
         engine_path = engine_file_path(self.bundle.manifest, self.bundle.path, part, precision)
         from mae.export.tensorrt import check_engine_compatible, load_sidecar
 
         sidecar = load_sidecar(engine_path)
         check_engine_source(sidecar, self.bundle.manifest, part, engine_path)
-        trt = require("tensorrt", EXTRA, "The trt engine")
-        cudart = _cudart()
         self.cudart = cudart
-        self.device_index = parse_cuda_device(device)
-        count = cudart.cudaGetDeviceCount()
-        if count[0] != cudart.cudaError_t.cudaSuccess or count[1] <= self.device_index:
-            raise MAEError(
-                f"The trt engine needs CUDA GPU {self.device_index}, and none is usable here.",
-                hint="run on a machine with an NVIDIA GPU and driver, or use --engine onnx",
-            )
         _check(cudart, cudart.cudaSetDevice(self.device_index))
 
         props = _check(cudart, cudart.cudaGetDeviceProperties(self.device_index))
