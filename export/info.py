@@ -170,7 +170,7 @@ def _graph_table(summary: dict[str, Any], title: str):  # noqa: ANN202 - rich Ta
 
 def _tolerance_lines(summary: dict[str, Any]) -> list[str]:
     """'fp32: max |diff| <= 0.0001' per verified precision."""
-    from mae.export.verify import Tolerance
+    from mae.export.tolerances import Tolerance
 
     lines = {}
     for graph in summary["graphs"]:

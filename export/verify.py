@@ -26,6 +26,7 @@ import torch
 
 from mae.errors import MAEError, require
 from mae.export.graphs import GRAPH_IO
+from mae.export.tolerances import TOLERANCES, Tolerance
 from mae.model import MaskedAutoencoder
 from mae.runtime.bundle import Preprocessing
 from mae.runtime.masking import masking_from_noise, random_noise
@@ -34,34 +35,6 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 MASK_RATIOS = (0.0, 0.75)
 BATCH_SIZES = (1, 3)
 MASK_SEED = 1234
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    max_abs: float | None = None  # absolute bound on |onnx - torch|
-    max_rel: float | None = None  # bound on max |onnx - torch| / max |torch| (scale-free, for reduced precision)
-    min_cosine: float | None = None  # bound on the per-image cosine of pooled features (decoder: of pred)
-
-    def describe(self) -> str:
-        parts = []
-        if self.max_abs is not None:
-            parts.append(f"max |diff| <= {self.max_abs:g}")
-        if self.max_rel is not None:
-            parts.append(f"max |diff| <= {self.max_rel:g} x max |output|")
-        if self.min_cosine is not None:
-            parts.append(f"cosine >= {self.min_cosine:g}")
-        return ", ".join(parts)
-
-
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(max_abs=1e-4),
-    # fp16 keeps LayerNorm and softmax in fp32; what is left is fp16 rounding of weights and activations
-    # (~5e-4 relative per op), which accumulates over the blocks.
-    "fp16": Tolerance(max_rel=2e-2, min_cosine=0.999),
-    # int8 moves single values a lot; what matters for embeddings is the direction. Judged on held-out calibration
-    # images next to the verification photos; `mae export --int8-min-cosine` changes it.
-    "int8": Tolerance(min_cosine=0.999),
-}
 
 
 class VerificationError(MAEError):

@@ -81,6 +81,36 @@ def mean_colour_baseline_psnr(original: np.ndarray, mask: np.ndarray, patch_size
     return (10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))).astype(np.float32)
 
 
+TRAINING_FIGURES = "demo_training.json"  # in the run folder: time and speed of the sessions that trained it
+
+
+def training_figures(run_dir: Path, result: Any) -> dict[str, Any]:
+    """Seconds, images/s and how training ended, over every session that trained this run.
+
+    A rerun in the same folder reuses the finished training (a session of 0 s): it reports the figures of the
+    sessions that did the work, recorded beside the checkpoint, and says the training was reused.
+    """
+    path = run_dir / TRAINING_FIGURES
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        recorded = {"seconds": 0.0, "images": 0.0, "stopped": None}
+    if result.stopped != "already_complete":
+        recorded = {
+            "seconds": recorded["seconds"] + result.seconds,
+            "images": recorded["images"] + result.images_per_s * result.seconds,
+            "stopped": result.stopped,
+        }
+        atomic_write_text(path, json.dumps(recorded) + "\n")
+    seconds = recorded["seconds"]
+    return {
+        "seconds": round(seconds, 1),
+        "images_per_s": round(recorded["images"] / seconds, 1) if seconds > 0 else None,
+        "stopped": recorded["stopped"] or result.stopped,
+        "reused": result.stopped == "already_complete",
+    }
+
+
 def training_steps(minutes: float) -> int:
     return max(1, int(minutes * 60 * NOMINAL_IMAGES_PER_S / BATCH_SIZE))
 
@@ -140,10 +170,8 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
         "preset": PRESET,
         "steps": result.global_step,
         "epochs": result.epochs_completed,
-        "seconds": round(result.seconds, 1),
+        **training_figures(run_dir, result),
         "final_loss": result.final_loss,
-        "images_per_s": round(result.images_per_s, 1),
-        "stopped": result.stopped,
         "checkpoint": str(result.checkpoint),
         "loss_curve": str(run_dir / "loss_curve.png"),
     }
@@ -227,11 +255,14 @@ def print_summary(summary: dict[str, Any], console) -> None:  # noqa: ANN001 - r
     table.add_column("step")
     table.add_column("result")
     train = summary["training"]
+    speed = "" if train["images_per_s"] is None else f", {train['images_per_s']:.0f} img/s"
+    took = f"in {train['seconds']:.0f} s{speed}" if train["seconds"] else "(time not recorded)"
     table.add_row(
         "training",
-        f"{train['preset']}, {train['steps']} steps ({train['epochs']} epochs) in {train['seconds']:.0f} s, "
-        f"{train['images_per_s']:.0f} img/s; final loss {train['final_loss']:.4f}"
-        + (" (stopped early by the safety time limit)" if train["stopped"] == "max_minutes" else ""),
+        f"{train['preset']}, {train['steps']} steps ({train['epochs']} epochs) {took}; final loss "
+        f"{train['final_loss']:.4f}"
+        + (" (stopped early by the safety time limit)" if train["stopped"] == "max_minutes" else "")
+        + (" - reused: the finished training in this folder" if train.get("reused") else ""),
     )
     for name, diff, passed in export_parity(summary["export"]["verification"]):
         table.add_row(f"export {name}", f"max |ONNX - PyTorch| {diff:.2e} ({'verified' if passed else 'FAILED'})")

@@ -108,3 +108,27 @@ def test_help_is_readable_at_80_columns() -> None:
         assert max(len(line) for line in done.stdout.splitlines()) <= 80, done.stdout
     train_help = run("train", "--help").stdout
     assert "--checkpoint-minutes" in train_help and "mae_vit_base_patch16" in train_help
+
+
+def test_info_on_a_bundle_needs_no_torch(tmp_path) -> None:
+    """`mae info BUNDLE` reads mae.json and the graphs' metadata: no PyTorch import (it took seconds)."""
+    import textwrap
+
+    from mae.config import get_preset
+    from mae.export import export_bundle
+    from mae.runtime.engines.torch import save_random_weights
+
+    weights = save_random_weights(get_preset("mae_vit_test_patch8"), tmp_path / "w.pt")
+    bundle = export_bundle(weights, tmp_path / "bundle", verify=False)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        from mae.cli import main
+        sys.argv = ["mae", "info", {str(bundle.path)!r}]
+        main()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "encoder.onnx" in done.stdout and "decoder.onnx" in done.stdout

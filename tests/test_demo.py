@@ -20,7 +20,9 @@ def run_demo_cli(out: Path, seed: int = 0) -> dict:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "mae demo" in done.stdout  # the summary table
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert ("reused:" in done.stdout) == summary["training"]["reused"]  # the table may wrap the rest
+    return summary
 
 
 @pytest.mark.slow
@@ -57,6 +59,14 @@ def test_demo_runs_every_step_and_repeats_with_the_same_seed(tmp_path):
     assert second["training"]["final_loss"] == pytest.approx(train["final_loss"], rel=1e-5)
     for engine in ("onnx", "torch"):
         assert second["reconstruction"][engine]["psnr_db"] == pytest.approx(recon[engine]["psnr_db"], abs=1e-4)
+
+    # again in the first folder: the training is reused, and its figures are the first run's, not 0 s / 0 img/s
+    assert not train["reused"] and train["seconds"] > 0 and train["images_per_s"] > 0
+    again = run_demo_cli(out)
+    assert again["training"]["reused"] and again["training"]["steps"] == train["steps"]
+    assert (
+        again["training"]["seconds"] == train["seconds"] and again["training"]["images_per_s"] == train["images_per_s"]
+    )
 
 
 def test_mean_colour_baseline_fills_removed_patches_with_the_visible_mean():
