@@ -719,7 +719,9 @@ def describe_weights(
 
     summary = weights_summary(path, num_heads, decoder_num_heads, norm_pix_loss=norm_pix_loss)
     console = console or Console()
-    if summary["norm_pix_loss_known"]:
+    if not summary["has_decoder"]:  # only the decoder's targets depend on it
+        pix = "not applicable: no decoder (it only says what the decoder was trained to predict)"
+    elif summary["norm_pix_loss_known"]:
         pix = "on" if summary["norm_pix_loss"] else "off"
     else:
         assumed = "on" if summary["norm_pix_loss_assumed"] else "off"
@@ -748,6 +750,8 @@ def describe_weights(
     architecture.add_column("field", style="bold")
     architecture.add_column("value")
     for name, value in summary["config"].items():
+        if not summary["has_decoder"] and (name.startswith("decoder_") or name == "norm_pix_loss"):
+            continue  # a model without a decoder has no decoder dimensions
         architecture.add_row(name, "from width x mlp_ratio" if value is None else str(value))
     console.print(architecture)
 

@@ -306,14 +306,19 @@ def reconstruct(
 
 # ------------------------------------------------------------------------------------------------- output
 def picture_paths(names: Sequence[str], out: Path) -> list[Path] | Path:
-    """One picture file for all images when `out` names a picture file, else one per image inside `out`."""
+    """One picture file for all images when `out` names a picture file, else one per image inside `out`.
+
+    Inside a folder, a name already taken (by another image of this call, or by a file there from an earlier
+    run) gets the next free number: a picture the user already has is never overwritten.
+    """
     if out.suffix.lower() in PICTURE_SUFFIXES:
         return out
     paths, used = [], set()
     for name in names:
         stem = Path(name).stem.replace(" ", "_") or "image"
         candidate, counter = stem, 1
-        while candidate in used:  # photos from different folders may share a name
+        # photos from different folders may share a name, and an earlier run may have left its pictures here
+        while candidate in used or (out / f"{candidate}_reconstruction.png").exists():
             counter += 1
             candidate = f"{stem}_{counter}"
         used.add(candidate)
@@ -327,10 +332,14 @@ def save_picture(picture: Image.Image, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def arrays_file(path: Path) -> Path:
+    """Where `--save-arrays PATH` writes: PATH, with .npz added when it has another suffix (as numpy would)."""
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
 def write_arrays(result: ReconstructionResult, path: Path) -> Path:
     """`--save-arrays`: an .npz with pred, mask, ids_restore, latent (and ids_keep, noise, names), atomically."""
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
+    path = arrays_file(path)
     buffer = io.BytesIO()
     np.savez(buffer, **result.arrays())
     atomic_write_bytes(path, buffer.getvalue())
@@ -373,6 +382,9 @@ def run_reconstruct(
     )
     out = Path(out)
     targets = picture_paths(result.names, out)
+    replaced = [path for path in ([targets] if isinstance(targets, Path) else []) if path.exists()]
+    if save_arrays is not None and arrays_file(Path(save_arrays)).exists():
+        replaced.append(arrays_file(Path(save_arrays)))
     if isinstance(targets, Path):
         save_picture(result.picture(), targets)
         written = [targets] * len(result.names)
@@ -402,4 +414,14 @@ def run_reconstruct(
         console.print(f"note: {note}")
     if save_arrays is not None:
         console.print(f"arrays: {write_arrays(result, Path(save_arrays))}")
+    for path in replaced:  # named by the user, so replaced, but never silently
+        console.print(f"replaced {path} (it existed; name a new file to keep both)", soft_wrap=True)
+    if not isinstance(targets, Path):
+        plain = [f"{Path(name).stem.replace(' ', '_') or 'image'}_reconstruction" for name in result.names]
+        numbered = [path for path, stem in zip(targets, plain, strict=True) if path.stem != stem]
+        if numbered:
+            console.print(
+                f"numbered {len(numbered)} picture(s), so as to overwrite no file of the same name in {out}",
+                soft_wrap=True,
+            )
     return result

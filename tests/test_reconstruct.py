@@ -266,6 +266,19 @@ def test_cli_writes_pictures_and_arrays(tiny_bundle, photo_files, tmp_path, monk
     assert run_cli(monkeypatch, *images, "--model", tiny_bundle.path, "--engine", "torch", "--out", single) == 0
     assert Image.open(single).height > Image.open(written[0]).height * 2  # three rows in one picture
 
+    # Again into the same folder: the earlier pictures stay, the new ones are numbered, and both are said.
+    before = {p.name: p.read_bytes() for p in written}
+    capsys.readouterr()
+    code = run_cli(
+        monkeypatch, *images, "--model", tiny_bundle.path, "--out", out, "--save-arrays", tmp_path / "arrays.npz"
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and {p.name: p.read_bytes() for p in written} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*before, *(f"{p.stem}_2_reconstruction.png" for p in images)]
+    )
+    assert "numbered 3 picture(s)" in printed and f"replaced {tmp_path / 'arrays.npz'}" in printed
+
 
 def test_cli_errors_are_plain(tiny_bundle, photo_files, tmp_path, monkeypatch, capsys):
     (tmp_path / "notes.jpg").write_text("not a picture")

@@ -359,6 +359,19 @@ def test_describe_weights_prints_everything(tmp_path: Path, tiny_model: MaskedAu
         assert expected in text
 
 
+def test_describe_encoder_only_weights(tmp_path: Path, tiny_model: MaskedAutoencoder) -> None:
+    """No decoder: norm_pix_loss does not apply (no "assumed off" for a mae_pretrain_* file), no decoder fields."""
+    from rich.console import Console
+
+    state = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
+    torch.save({"model": state}, tmp_path / "mae_pretrain_vit_test.pth")
+    buffer = io.StringIO()
+    describe_weights(tmp_path / "mae_pretrain_vit_test.pth", console=Console(file=buffer, width=200))
+    text = buffer.getvalue()
+    assert "not applicable: no decoder" in text and "assumed" not in text
+    assert "decoder_embed_dim" not in text and "decoder_num_heads" not in text and "embed_dim" in text
+
+
 def test_mae_info_cli(tmp_path: Path, tiny_model: MaskedAutoencoder, monkeypatch, capsys) -> None:
     from mae.cli import main
 
