@@ -119,7 +119,7 @@ def export_graph(model: MaskedAutoencoder, part: str, opset: int = DEFAULT_OPSET
     input_names, output_names = GRAPH_IO[part]
     module.eval()
     try:
-        with quiet("torch.onnx"), torch.no_grad():
+        with quiet("torch", "onnxscript", "onnx_ir"), torch.no_grad():  # their DEBUG floods logs and tests
             program = torch.onnx.export(
                 module,
                 args,

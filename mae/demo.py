@@ -260,7 +260,7 @@ def print_summary(summary: dict[str, Any], console) -> None:  # noqa: ANN001 - r
     table.add_row(
         "training",
         f"{train['preset']}, {train['steps']} steps ({train['epochs']} epochs) {took}; final loss "
-        f"{train['final_loss']:.4f}"
+        f"{train['final_loss']:.4f} (mean of the last epoch)"
         + (" (stopped early by the safety time limit)" if train["stopped"] == "max_minutes" else "")
         + (" - reused: the finished training in this folder" if train.get("reused") else ""),
     )

@@ -145,7 +145,7 @@ def loss_curve(
     smoothed = smooth(ys)
     axes = _Axes((MARGIN_LEFT, MARGIN_TOP, WIDTH - MARGIN_RIGHT, loss_bottom), x_range, _y_range(ys))
     y_ticks = [t for t in nice_ticks(axes.y0, axes.y1) if axes.y0 <= t <= axes.y1]
-    _draw_axes(draw, axes, x_ticks if not with_lr else [], y_ticks, font, f"loss (last {_format(ys[-1])})")
+    _draw_axes(draw, axes, x_ticks if not with_lr else [], y_ticks, font, loss_axis_label(ys))
     _polyline(draw, axes, xs, ys, RAW_COLOUR, 1)
     _polyline(draw, axes, xs, smoothed, SMOOTH_COLOUR, 2)
 
@@ -161,6 +161,12 @@ def loss_curve(
     width = draw.textlength(x_label, font=font)
     draw.text(((WIDTH - width) / 2, HEIGHT - 20), x_label, fill=AXIS_COLOUR, font=font)
     return canvas
+
+
+def loss_axis_label(losses: list[float]) -> str:
+    """The loss axis says which loss it quotes: the last optimizer step's, not the epoch mean that training
+    summaries call the final loss."""
+    return f"loss (last step {_format(losses[-1])})"
 
 
 def save_loss_curve(path: str | os.PathLike, steps, losses, lrs=None, title: str = "training loss") -> Path:

@@ -883,7 +883,8 @@ class _Trainer:
         loss_text = f"{final:.4f}" if final is not None else "n/a"
         self.console.print(
             f"[bold green]{how}[/]: epoch {self._epoch_float():.3f}/{self.opts.epochs}, optimizer step {self.step}, "
-            f"loss {loss_text}, {session_images / max(seconds, 1e-9):.1f} images/s over {seconds:.0f} s"
+            f"loss {loss_text} (mean of the epoch), {session_images / max(seconds, 1e-9):.1f} images/s over "
+            f"{seconds:.0f} s"
         )
         if self.skipped:
             shown = list(sorted(self.skipped.items()))[:5]

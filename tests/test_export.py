@@ -466,3 +466,14 @@ def test_fold_weight_constants() -> None:
     x = np.ones((2, 1, 4), dtype=np.float32)
     (y,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(y, x + cls + pos[:, :1])
+
+
+def test_the_exporter_keeps_its_debug_logging_to_itself(tiny_model: MaskedAutoencoder, caplog) -> None:
+    """torch.export, onnxscript and onnx_ir log thousands of DEBUG lines per export: none reach the caller's logs
+    (they flooded every failing test's captured log)."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    export_graph(tiny_model, "encoder", 18)
+    noisy = [r for r in caplog.records if r.name.split(".")[0] in ("torch", "onnxscript", "onnx_ir")]
+    assert not [r for r in noisy if r.levelno < logging.ERROR], [r.getMessage()[:80] for r in noisy[:5]]

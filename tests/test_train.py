@@ -395,5 +395,14 @@ def test_loss_curve_picture_helpers():
     assert picture.size == (900, 560)
     colours = {colour for _, colour in picture.getcolors(maxcolors=1 << 16)}
     assert (31, 90, 180) in colours and (200, 100, 30) in colours  # smoothed loss and lr lines drawn
+
     empty = loss_curve([1], [float("inf")])
     assert (31, 90, 180) not in {colour for _, colour in empty.getcolors(maxcolors=1 << 16)}
+
+
+def test_the_loss_curve_and_the_summary_say_which_loss_they_quote():
+    """The curve quotes the last step's loss, the summaries the epoch mean: each says which (they differed
+    unexplained: "last 0.3986" beside "final loss 0.3784")."""
+    from mae.plots import loss_axis_label
+
+    assert loss_axis_label([0.5, 0.3986]) == "loss (last step 0.3986)"
