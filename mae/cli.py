@@ -292,9 +292,9 @@ def info(
 
         describe_bundle(path)
     else:
-        from mae.weights import describe_weights
+        from mae.weights_info import describe  # safetensors folders without PyTorch
 
-        describe_weights(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+        describe(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
 
 
 # --------------------------------------------------------------------------------------------------- demo

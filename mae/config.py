@@ -14,6 +14,10 @@ from mae.errors import MAEError
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
+# Weights of the decoder half (our names); everything else belongs to the encoder.
+DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
 @dataclass(frozen=True)
 class MAEConfig:
     img_size: int = 224  # square input side, pixels

@@ -26,53 +26,14 @@ from typing import Any
 import torch
 
 from mae.checkpoint import checkpoint_from_payload, is_mae_checkpoint, safe_torch_load
-from mae.config import ACTIVATIONS, PRESETS, MAEConfig
+from mae.config import DECODER_PREFIXES, PRESETS, MAEConfig
 from mae.errors import MAEError
+from mae.hf import HF_WEIGHT_FILES, convert_hf_state, hf_config, read_hf_config
 from mae.model import MaskedAutoencoder
 from mae.pos_embed import resize_pos_embed
 from mae.runtime.bundle import sha256_file
 
 SOURCE_FORMATS = ("mae-checkpoint", "official", "huggingface")
-
-# Weights of the decoder half; everything else belongs to the encoder.
-DECODER_PREFIXES = ("decoder_", "mask_token")
-
-# Hugging Face `hidden_act` values we can run, and the activation each one is.
-HF_ACTIVATIONS = {
-    "gelu": "gelu",  # exact erf GELU, as the original
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "relu": "relu",
-    "silu": "silu",
-    "swish": "silu",
-}
-
-# ViTMAEConfig's defaults, for fields a config.json leaves out (transformers writes them all, hand-made files may not).
-HF_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-12,
-    "image_size": 224,
-    "patch_size": 16,
-    "num_channels": 3,
-    "qkv_bias": True,
-    "decoder_num_attention_heads": 16,
-    "decoder_hidden_size": 512,
-    "decoder_num_hidden_layers": 8,
-    "decoder_intermediate_size": 2048,
-    "mask_ratio": 0.75,
-    "norm_pix_loss": False,
-}
-
-HF_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 @dataclass
@@ -441,62 +402,16 @@ def _official_norm_pix_loss(
 
 
 # --------------------------------------------------------------------------------------------------- Hugging Face
-_HF_LAYER = re.compile(r"^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
-_HF_DECODER_LAYER = re.compile(r"^decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)$")
-# Inside a layer: names of transformers 4.x / files written by 5.x, and 5.x module names.
-_HF_LAYER_PARTS = {
-    "layernorm_before": "norm1",
-    "layernorm_after": "norm2",
-    "attention.output.dense": "attn.proj",
-    "attention.o_proj": "attn.proj",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
-_HF_QKV_PARTS = {
-    "attention.attention.query": "q",
-    "attention.attention.key": "k",
-    "attention.attention.value": "v",
-    "attention.q_proj": "q",
-    "attention.k_proj": "k",
-    "attention.v_proj": "v",
-}
-_HF_TOP = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-    "decoder.decoder_embed.weight": "decoder_embed.weight",
-    "decoder.decoder_embed.bias": "decoder_embed.bias",
-    "decoder.mask_token": "mask_token",
-    "decoder.decoder_pos_embed": "decoder_pos_embed",
-    "decoder.decoder_norm.weight": "decoder_norm.weight",
-    "decoder.decoder_norm.bias": "decoder_norm.bias",
-    "decoder.decoder_pred.weight": "decoder_pred.weight",
-    "decoder.decoder_pred.bias": "decoder_pred.bias",
-}
 
 
 def _load_huggingface(
     folder: Path, num_heads: int | None, decoder_num_heads: int | None, norm_pix_loss: bool | None
 ) -> LoadedWeights:
-    try:
-        hf_config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MAEError(f"Cannot read {folder / 'config.json'}: {exc}") from exc
-    model_type = hf_config.get("model_type")
-    if model_type != "vit_mae":
-        raise MAEError(
-            f"{folder} holds a Hugging Face {model_type!r} model; mae reads ViTMAE ('vit_mae') checkpoints.",
-            hint="e.g. facebook/vit-mae-base, or a folder written by ViTMAEForPreTraining.save_pretrained()",
-        )
+    hf_json = read_hf_config(folder)
     weights_file, raw = _read_hf_weights(folder)
-    state, notes = _as_float32(_convert_hf_state(raw, weights_file))
+    state, notes = _as_float32(convert_hf_state(raw, weights_file, lambda parts: torch.cat(parts, dim=0)))
     has_decoder = any(k.startswith(DECODER_PREFIXES) for k in state)
-    config, config_notes = _hf_config(hf_config, folder)
+    config, config_notes = hf_config(hf_json, folder)
     notes += config_notes
     _check_recorded_heads(config, num_heads, decoder_num_heads, folder)
     if norm_pix_loss is not None and norm_pix_loss != config.norm_pix_loss:
@@ -538,94 +453,6 @@ def _read_hf_file(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(payload, dict):
         raise MAEError(f"{path} does not hold a state dict.")
     return {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
-
-
-def _convert_hf_state(raw: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """HF ViTMAE names -> original MAE names, with split q/k/v fused into one qkv projection."""
-    state: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (our block prefix, weight|bias) -> {q, k, v}
-    unexpected: list[str] = []
-    for key, tensor in raw.items():
-        plain = key.removeprefix("vit.")
-        if plain in _HF_TOP:
-            state[_HF_TOP[plain]] = tensor
-            continue
-        match = _HF_LAYER.match(key) or _HF_DECODER_LAYER.match(key)
-        if match is None:
-            unexpected.append(key)
-            continue
-        blocks = "decoder_blocks" if key.startswith("decoder.") else "blocks"
-        prefix = f"{blocks}.{match.group(1)}"
-        part, _, kind = match.group(2).rpartition(".")  # kind: weight | bias
-        if part in _HF_LAYER_PARTS:
-            state[f"{prefix}.{_HF_LAYER_PARTS[part]}.{kind}"] = tensor
-        elif part in _HF_QKV_PARTS:
-            qkv.setdefault((prefix, kind), {})[_HF_QKV_PARTS[part]] = tensor
-        else:
-            unexpected.append(key)
-    if unexpected:
-        raise MAEError(
-            f"{source} has weights a ViTMAE checkpoint should not have: {', '.join(unexpected[:5])}"
-            + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""),
-            hint="mae reads ViTMAEForPreTraining and ViTMAEModel checkpoints",
-        )
-    for (prefix, kind), parts in qkv.items():
-        missing = [name for name in "qkv" if name not in parts]
-        if missing:
-            raise MAEError(f"{source}: {prefix} lacks the {'/'.join(missing)} projection {kind}.")
-        state[f"{prefix}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # [3D(, D)]
-    return state
-
-
-def _square(value: Any, name: str, folder: Path) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise MAEError(f"{folder}/config.json has {name}={list(value)}; mae supports square images and patches.")
-        value = value[0]
-    if not isinstance(value, int):
-        raise MAEError(f"{folder}/config.json has {name}={value!r}; expected a whole number.")
-    return value
-
-
-def _hf_config(hf: dict[str, Any], folder: Path) -> tuple[MAEConfig, list[str]]:
-    """ViTMAEConfig fields -> MAEConfig; anything mae cannot reproduce is an error, never silently dropped."""
-    values = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
-    notes = []
-    act = values["hidden_act"]
-    if act not in HF_ACTIVATIONS:
-        raise MAEError(
-            f"{folder}/config.json uses hidden_act={act!r}, which mae does not implement.",
-            hint=f"supported: {', '.join(HF_ACTIVATIONS)} (mae activations: {', '.join(ACTIVATIONS)})",
-        )
-    head_dim = values.get("head_dim")
-    if head_dim is not None and head_dim * values["num_attention_heads"] != values["hidden_size"]:
-        raise MAEError(f"{folder}/config.json sets head_dim={head_dim}, which differs from hidden_size / heads.")
-    dropout = {k: values.get(k) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if values.get(k)}
-    if dropout:
-        notes.append(f"dropout in config.json ({dropout}) is not used by mae (inference and MAE pretraining use none)")
-    width, decoder_width = values["hidden_size"], values["decoder_hidden_size"]
-    mlp, decoder_mlp = values["intermediate_size"], values["decoder_intermediate_size"]
-    config = MAEConfig(
-        img_size=_square(values["image_size"], "image_size", folder),
-        patch_size=_square(values["patch_size"], "patch_size", folder),
-        in_chans=values["num_channels"],
-        embed_dim=width,
-        depth=values["num_hidden_layers"],
-        num_heads=values["num_attention_heads"],
-        decoder_embed_dim=decoder_width,
-        decoder_depth=values["decoder_num_hidden_layers"],
-        decoder_num_heads=values["decoder_num_attention_heads"],
-        encoder_mlp_dim=None if mlp == 4 * width else mlp,
-        decoder_mlp_dim=None if decoder_mlp == 4 * decoder_width else decoder_mlp,
-        layer_norm_eps=float(values["layer_norm_eps"]),
-        qkv_bias=bool(values["qkv_bias"]),
-        act=HF_ACTIVATIONS[act],
-        norm_pix_loss=bool(values["norm_pix_loss"]),
-        mask_ratio=float(values["mask_ratio"]),
-    )
-    if config.layer_norm_eps != 1e-6:
-        notes.append(f"LayerNorm eps {config.layer_norm_eps:g} from config.json (the original MAE uses 1e-6)")
-    return config, notes
 
 
 # ------------------------------------------------------------------------------------------------------- checks
@@ -701,10 +528,6 @@ def summary_of(loaded: LoadedWeights) -> dict[str, Any]:
     }
 
 
-def _millions(count: int) -> str:
-    return f"{count:,} ({count / 1e6:.1f} M)"
-
-
 def describe_weights(
     path: str | os.PathLike,
     num_heads: int | None = None,
@@ -714,47 +537,8 @@ def describe_weights(
     console: Any = None,
 ) -> dict[str, Any]:
     """Print what the weights are (rich tables) and return the same facts as `weights_summary`."""
-    from rich.console import Console
-    from rich.table import Table
+    from mae.weights_info import print_weights_summary
 
     summary = weights_summary(path, num_heads, decoder_num_heads, norm_pix_loss=norm_pix_loss)
-    console = console or Console()
-    if not summary["has_decoder"]:  # only the decoder's targets depend on it
-        pix = "not applicable: no decoder (it only says what the decoder was trained to predict)"
-    elif summary["norm_pix_loss_known"]:
-        pix = "on" if summary["norm_pix_loss"] else "off"
-    else:
-        assumed = "on" if summary["norm_pix_loss_assumed"] else "off"
-        pix = f"unknown (official checkpoints do not record it); assumed {assumed}"
-    if summary["has_decoder"]:
-        decoder_text = "yes"
-    else:
-        decoder_text = "no: features and embeddings only; reconstruction needs decoder weights"
-
-    overview = Table(title=f"Weights: {summary['path']}", show_header=False, title_justify="left")
-    overview.add_column(style="bold")
-    overview.add_column(overflow="fold")  # the sha256 is worth reading whole
-    formats = {"mae-checkpoint": "mae checkpoint", "official": "official MAE (facebookresearch/mae)"}
-    overview.add_row("format", formats.get(summary["source_format"], "Hugging Face ViTMAE"))
-    overview.add_row("decoder", decoder_text)
-    overview.add_row("norm_pix_loss", pix)
-    params = summary["parameters"]
-    overview.add_row("parameters, encoder", _millions(params["encoder"]))
-    overview.add_row("parameters, decoder", _millions(params["decoder"]))
-    overview.add_row("parameters, total", _millions(params["total"]))
-    overview.add_row("patches", f"{summary['num_patches']}")
-    overview.add_row("sha256", summary["sha256"])
-    console.print(overview)
-
-    architecture = Table(title="Architecture", title_justify="left")
-    architecture.add_column("field", style="bold")
-    architecture.add_column("value")
-    for name, value in summary["config"].items():
-        if not summary["has_decoder"] and (name.startswith("decoder_") or name == "norm_pix_loss"):
-            continue  # a model without a decoder has no decoder dimensions
-        architecture.add_row(name, "from width x mlp_ratio" if value is None else str(value))
-    console.print(architecture)
-
-    for note in summary["notes"]:
-        console.print(f"• {note}")
+    print_weights_summary(summary, console)
     return summary

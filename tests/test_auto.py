@@ -34,6 +34,12 @@ CASCADE_LAKE = hardware.CpuInfo("Intel(R) Xeon(R) Gold 6230", frozenset({"avx2",
 SKYLAKE = hardware.CpuInfo("Intel(R) Xeon(R) Gold 6148", frozenset({"avx2", "avx512f", "avx512bw"}))
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own measurement cache: a measurement one test stores must not steer another's choice."""
+    monkeypatch.setenv("MAE_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     """fp32 + a verified ONNX Runtime int8 encoder; the OpenVINO int8 entry is added by `with_openvino`."""

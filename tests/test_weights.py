@@ -390,3 +390,28 @@ def test_mae_info_cli(tmp_path: Path, tiny_model: MaskedAutoencoder, monkeypatch
     captured = capsys.readouterr()
     assert exit_info.value.code == 2 and "Refusing to load" in captured.err and "Traceback" not in captured.err
     assert not marker.exists()
+
+
+def test_info_on_a_safetensors_folder_reads_headers_only(hf_folder: Path, tmp_path: Path) -> None:
+    """The header-only description gives the facts the full load gives, without importing PyTorch."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from mae.weights_info import hf_folder_summary
+
+    light, full = hf_folder_summary(hf_folder), weights_summary(hf_folder)
+    for key in ("source_format", "sha256", "config", "num_patches", "parameters", "has_decoder", "norm_pix_loss"):
+        assert light[key] == full[key], key
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        from mae.cli import main
+        sys.argv = ["mae", "info", {str(hf_folder)!r}]
+        main()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "Hugging Face ViTMAE" in done.stdout and f"{full['parameters']['total']:,}" in done.stdout
