@@ -340,7 +340,7 @@ def main() -> None:
 
 
 def click_exception_types() -> tuple[type[Exception], ...]:
-    """ClickException of every click this typer may use: typer >= 0.24 vendors its own (`typer._click`), earlier ones
+    """ClickException of every click this typer may use: typer >= 0.26 vendors its own (`typer._click`), earlier ones
     use the `click` package; catching only one lets the other's usage errors through as tracebacks."""
     import importlib
 

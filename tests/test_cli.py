@@ -1,5 +1,5 @@
 """Usage mistakes through the real `mae` entry point, with the typer and click a fresh install resolves: one line
-saying what is wrong plus a hint, exit status 2, never a traceback (typer >= 0.24 vendors click as typer._click)."""
+saying what is wrong plus a hint, exit status 2, never a traceback (typer >= 0.26 vendors click as typer._click)."""
 
 from __future__ import annotations
 
