@@ -42,13 +42,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def assert_usage_error(done: subprocess.CompletedProcess, message: str) -> None:
+def assert_usage_error(done: subprocess.CompletedProcess, *messages: str) -> None:
     text = done.stdout + done.stderr
     assert done.returncode == 2, text
     assert "Traceback" not in text, text
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("  hint: "), text
-    assert message in lines[0], text
+    assert all(m.lower() in lines[0].lower() for m in messages), text  # the wording differs a little between clicks
 
 
 def test_both_clicks_are_caught() -> None:
@@ -66,7 +66,7 @@ def test_both_clicks_are_caught() -> None:
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_typo_in_an_option(command: str) -> None:
-    assert_usage_error(run(command, *COMMANDS[command], "--bogus"), "No such option: --bogus")
+    assert_usage_error(run(command, *COMMANDS[command], "--bogus"), "No such option", "--bogus")
 
 
 @pytest.mark.parametrize("command", sorted(BAD_CHOICES))
@@ -82,8 +82,8 @@ def test_a_missing_argument(command: str) -> None:
 
 
 def test_top_level_mistakes() -> None:
-    assert_usage_error(run("recon"), "No such command 'recon'")
-    assert_usage_error(run("--bogus"), "No such option: --bogus")
+    assert_usage_error(run("recon"), "No such command", "recon")
+    assert_usage_error(run("--bogus"), "No such option", "--bogus")
     assert_usage_error(run("reconstruct", "cat.jpg", "--model", "b", "--mask-ratio", "1.5"), "'--mask-ratio'")
     bare = run()  # no arguments: the help, and the status of a usage error
     assert bare.returncode == 2 and "Traceback" not in bare.stdout + bare.stderr
