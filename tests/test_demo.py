@@ -75,3 +75,43 @@ def test_mean_colour_baseline_fills_removed_patches_with_the_visible_mean():
     mask = np.array([[0, 0, 1, 1]], dtype=np.float32)
     mse = ((0.3 - 0.3) ** 2 + (0.9 - 0.3) ** 2) / 2
     assert mean_colour_baseline_psnr(original, mask, patch_size=1)[0] == pytest.approx(10 * np.log10(1 / mse))
+
+
+def test_summary_flags_a_bench_row_below_the_gate():
+    """As `mae bench` does: an engine whose pooled cosine is below 0.999 is marked in the demo's summary too."""
+    import io
+
+    from rich.console import Console
+
+    from mae.demo import print_summary
+
+    engine = {"psnr_db": 20.0, "baseline_psnr_db": 14.0, "picture": "r.png"}
+    row = {"engine": "onnx-int8", "mask_ratio": 0.75, "images_per_s": 10.0, "ratio_vs_torch": 2.0}
+    summary = {
+        "seed": 0,
+        "seconds": 1.0,
+        "summary_json": "summary.json",
+        "training": {
+            "preset": "p",
+            "steps": 1,
+            "epochs": 1,
+            "seconds": 1.0,
+            "images_per_s": 1.0,
+            "final_loss": 0.5,
+            "stopped": "completed",
+            "reused": False,
+            "loss_curve": "loss.png",
+        },  # fmt: skip
+        "export": {"verification": {}, "bundle": "bundle"},
+        "reconstruction": {"onnx": engine, "torch": engine, "onnx_vs_torch_max_abs_pred": 0.0},
+        "embedding": {"summary": {"counts": {"embedded": 1, "failed": 0}}, "out": "emb"},
+        "bench": [
+            {**row, "cosine_cls": 0.99, "cosine_mean": 0.9995, "below_gate": True},
+            {**row, "mask_ratio": 0.0, "cosine_cls": 0.9999, "cosine_mean": 0.9999, "below_gate": False},
+        ],
+    }
+    console = Console(file=io.StringIO(), width=200)
+    print_summary(summary, console)
+    lines = [line for line in console.file.getvalue().splitlines() if "bench onnx-int8" in line]
+    assert len(lines) == 2 and "below the 0.999 gate" in lines[0] and "below" not in lines[1]
+    assert "mean of the last epoch" in console.file.getvalue()
