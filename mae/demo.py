@@ -24,6 +24,7 @@ import numpy as np
 
 from mae.errors import MAEError
 from mae.runtime.bundle import atomic_write_text
+from mae.runtime.engines.auto import GATE
 
 PRESET = "mae_vit_mini_patch8"  # 64 px, 8 px patches, 6 + 2 blocks
 BATCH_SIZE = 32
@@ -286,7 +287,7 @@ def print_summary(summary: dict[str, Any], console) -> None:  # noqa: ANN001 - r
                 label,
                 f"{row['images_per_s']:.0f} img/s ({row['ratio_vs_torch']:.2f}x torch fp32), "
                 f"cosine {min(row['cosine_cls'], row['cosine_mean']):.5f}"
-                + (" ! below the 0.999 gate" if row.get("below_gate") else ""),
+                + (f" ! below the {GATE} gate" if row.get("below_gate") else ""),
             )
     table.add_row("reconstructions", "\n".join(recon[e]["picture"] for e in ("onnx", "torch")))
     table.add_row("loss curve", train["loss_curve"])
