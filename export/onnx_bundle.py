@@ -44,6 +44,7 @@ from mae.export.verify import (
     verify_graph,
     verify_openvino_model,
 )
+from mae.files import current_umask, sha256_file
 from mae.model import MaskedAutoencoder
 from mae.runtime.bundle import (
     FORMAT,
@@ -51,9 +52,7 @@ from mae.runtime.bundle import (
     PRECISIONS,
     Bundle,
     Preprocessing,
-    current_umask,
     is_bundle,
-    sha256_file,
 )
 from mae.weights import LoadedWeights
 

@@ -286,7 +286,7 @@ def build_engine(
             hint="a larger --workspace or a smaller --max-batch may help",
         )
     if timing_cache_path is not None:
-        from mae.runtime.bundle import atomic_write_bytes
+        from mae.files import atomic_write_bytes
 
         atomic_write_bytes(timing_cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
@@ -379,7 +379,8 @@ def run_tensorrt_export(
     Weights are exported to a bundle first (into out_dir); a bundle gets the engines (and, when missing, the ONNX
     graph of that precision) added in place.
     """
-    from mae.runtime.bundle import Bundle, atomic_write_bytes, atomic_write_text, is_bundle, sha256_file
+    from mae.files import atomic_write_bytes, atomic_write_text, sha256_file
+    from mae.runtime.bundle import Bundle, is_bundle
 
     trt, gpu = check_tensorrt_available()  # before anything slow
     plan = build_plan(trt.__version__, precision)

@@ -20,7 +20,7 @@ import torch
 from mae import __version__
 from mae.config import MAEConfig
 from mae.errors import MAEError
-from mae.runtime.bundle import atomic_write_bytes
+from mae.files import atomic_write_bytes
 
 FORMAT = "mae-checkpoint"
 FORMAT_VERSION = 1

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mae.errors import MAEError
-from mae.runtime.bundle import atomic_write_text
+from mae.files import atomic_write_text
 from mae.runtime.engines.auto import GATE
 
 PRESET = "mae_vit_mini_patch8"  # 64 px, 8 px patches, 6 + 2 blocks

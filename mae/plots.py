@@ -173,7 +173,7 @@ def save_loss_curve(path: str | os.PathLike, steps, losses, lrs=None, title: str
     """Draw and write the PNG atomically (a reader never sees half a file)."""
     import io
 
-    from mae.runtime.bundle import atomic_write_bytes
+    from mae.files import atomic_write_bytes
 
     buffer = io.BytesIO()
     loss_curve(steps, losses, lrs, title=title).save(buffer, format="PNG")

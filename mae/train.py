@@ -54,9 +54,10 @@ from mae.data import (
 )
 from mae.distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
 from mae.errors import MAEError
+from mae.files import atomic_write_bytes, atomic_write_text
 from mae.model import MaskedAutoencoder, count_parameters
 from mae.runtime import hardware
-from mae.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, atomic_write_bytes, atomic_write_text
+from mae.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_PRESET = "mae_vit_base_patch16"
 PRECISIONS = ("fp32", "bf16", "fp16")

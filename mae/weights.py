@@ -28,10 +28,10 @@ import torch
 from mae.checkpoint import checkpoint_from_payload, is_mae_checkpoint, safe_torch_load
 from mae.config import DECODER_PREFIXES, PRESETS, MAEConfig
 from mae.errors import MAEError
+from mae.files import sha256_file
 from mae.hf import HF_WEIGHT_FILES, convert_hf_state, hf_config, read_hf_config
 from mae.model import MaskedAutoencoder
 from mae.pos_embed import resize_pos_embed
-from mae.runtime.bundle import sha256_file
 
 SOURCE_FORMATS = ("mae-checkpoint", "official", "huggingface")
 

@@ -56,7 +56,7 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def hf_folder_summary(path: Path) -> dict[str, Any]:
     """The facts `mae.weights.weights_summary` gives, for a safetensors folder, from headers alone."""
-    from mae.runtime.bundle import sha256_file
+    from mae.files import sha256_file
 
     weights_file = safetensors_file(path)
     if weights_file is None:

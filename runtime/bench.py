@@ -21,8 +21,9 @@ import numpy as np
 
 from mae.config import PRESETS
 from mae.errors import MAEError
+from mae.files import atomic_write_text
 from mae.runtime import hardware
-from mae.runtime.bundle import Bundle, atomic_write_text, is_bundle
+from mae.runtime.bundle import Bundle, is_bundle
 from mae.runtime.engines.auto import GATE
 from mae.runtime.engines.base import Engine, create_engine
 from mae.runtime.masking import masking_from_noise, random_noise

@@ -15,20 +15,13 @@ from __future__ import annotations
 import datetime as _datetime
 import hashlib
 import json
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mae.files import cache_dir
+
 ENGINE_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "torch")
-
-
-def cache_dir() -> Path:
-    explicit = os.environ.get("MAE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mae"
 
 
 def _versions() -> dict[str, str]:
@@ -69,7 +62,7 @@ def rows_path(bundle: Any, cpu: Any = None) -> Path:
 def save_rows(bundle: Any, rows: list[dict[str, Any]], cpu: Any = None) -> Path | None:
     """Store bench rows of `bundle` for this machine; None when the cache cannot be written (never an error: the
     measurement itself was printed)."""
-    from mae.runtime.bundle import atomic_write_text
+    from mae.files import atomic_write_text
 
     path = rows_path(bundle, cpu)
     payload = {

@@ -50,7 +50,8 @@ from PIL import Image
 
 from mae import __version__
 from mae.errors import MAEError, require
-from mae.runtime.bundle import Bundle, Preprocessing, is_bundle, sha256_file
+from mae.files import sha256_file
+from mae.runtime.bundle import Bundle, Preprocessing, is_bundle
 from mae.runtime.embed_worker import DecodedChunk, DecodeTask, decode_chunk, init_worker, ready
 from mae.runtime.inputs import Inputs, ShardSpec, file_range, keys_checksum, list_inputs, output_files_for, shard_spec
 from mae.runtime.masking import full_ids_keep

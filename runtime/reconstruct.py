@@ -19,7 +19,8 @@ from PIL import Image
 
 from mae.config import MAEConfig
 from mae.errors import MAEError
-from mae.runtime.bundle import Bundle, Preprocessing, atomic_write_bytes, is_bundle
+from mae.files import atomic_write_bytes
+from mae.runtime.bundle import Bundle, Preprocessing, is_bundle
 from mae.runtime.engines.base import Engine, create_engine
 from mae.runtime.masking import Masking, masking_from_noise, random_noise
 from mae.runtime.visualize import (

@@ -30,7 +30,7 @@ import numpy as np
 
 from mae import __version__
 from mae.errors import MAEError, require
-from mae.runtime.bundle import atomic_write
+from mae.files import atomic_write
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "mae-embeddings"

@@ -22,8 +22,9 @@ from mae.export.graphs import FORBIDDEN_OPS, check_opset, export_graph, op_types
 from mae.export.metadata import read_metadata
 from mae.export.onnx_bundle import Int8Options
 from mae.export.verify import VerificationError
+from mae.files import sha256_file
 from mae.model import MaskedAutoencoder
-from mae.runtime.bundle import Bundle, sha256_file
+from mae.runtime.bundle import Bundle
 from mae.runtime.masking import masking_from_noise, random_noise
 
 
@@ -263,7 +264,7 @@ def test_norm_pix_loss_and_squash_are_recorded(tmp_path: Path, tiny_model: Maske
     (tmp_path / "bundle").mkdir()  # an empty directory is fine to export into
     bundle = export_bundle(path, tmp_path / "bundle", resize="squash", verify=False)
     assert bundle.norm_pix_loss and bundle.preprocessing.resize == "squash"
-    from mae.runtime.bundle import current_umask
+    from mae.files import current_umask
 
     # Ordinary permissions, not those of the private staging directory / temporary files.
     assert (bundle.path.stat().st_mode & 0o777) == 0o777 & ~current_umask()

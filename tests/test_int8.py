@@ -23,8 +23,9 @@ from mae.export.calibration import SHIPPED, held_out_count, load_calibration
 from mae.export.onnx_bundle import Int8Options
 from mae.export.precision import INT8_WEIGHT_LIMIT, check_int8_weight_range
 from mae.export.verify import reference_pixels
+from mae.files import sha256_file
 from mae.runtime import hardware
-from mae.runtime.bundle import Bundle, sha256_file
+from mae.runtime.bundle import Bundle
 from mae.runtime.engines import base as engines_base
 from mae.runtime.engines import create_engine
 from mae.runtime.engines.torch import save_random_weights

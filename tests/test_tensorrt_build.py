@@ -31,8 +31,9 @@ from mae.export.tensorrt import (
     onnx_graph_inputs,
     profile_shapes,
 )
+from mae.files import sha256_file
 from mae.model import MaskedAutoencoder
-from mae.runtime.bundle import Bundle, sha256_file
+from mae.runtime.bundle import Bundle
 
 CONFIG = get_preset("mae_vit_test_patch8")  # L = 16, D = 32, K at mask 0.75 = 4
 ENCODER_INPUTS = [("pixel_values", ["batch", 3, 32, 32]), ("ids_keep", ["batch", "kept"])]
