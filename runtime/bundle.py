@@ -31,6 +31,7 @@ from mae import __version__
 from mae.config import MAEConfig
 from mae.errors import MAEError
 from mae.files import atomic_write_text
+from mae.runtime.integrity import verify_entry
 
 BUNDLE_FILE = "mae.json"
 FORMAT = "mae-bundle"
@@ -94,8 +95,9 @@ class Bundle:
     def has_decoder(self) -> bool:
         return self.has_graph("decoder", "fp32")
 
-    def graph(self, part: str, precision: str = "fp32") -> Path:
-        """Path of `part` ("encoder" | "decoder") at `precision`, with a clear error when absent."""
+    def graph(self, part: str, precision: str = "fp32", fresh: bool = False) -> Path:
+        """Path of `part` ("encoder" | "decoder") at `precision`, with a clear error when absent or when its files
+        are not those mae.json records (`mae.runtime.integrity`; `fresh=True` hashes them again in full)."""
         if not self.has_graph(part, precision):
             if part == "decoder" and not self.has_decoder:
                 raise MAEError(
@@ -107,9 +109,11 @@ class Bundle:
                 f"The bundle {self.path} has no {precision} {part} (it has: {have}).",
                 hint=f"run `mae export {self.path} --format onnx --precision {precision}`",
             )
-        graph_path = self.path / self.manifest["graphs"][precision][part]["file"]
+        entry = self.manifest["graphs"][precision][part]
+        graph_path = self.path / entry["file"]
         if not graph_path.is_file():
             raise MAEError(f"{graph_path} is listed in {BUNDLE_FILE} but missing.", hint="re-run `mae export`")
+        verify_entry(self.path, entry, fresh=fresh)  # what runs is what export verified
         return graph_path
 
     @property

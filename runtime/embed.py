@@ -54,6 +54,7 @@ from mae.files import sha256_file
 from mae.runtime.bundle import Bundle, Preprocessing, is_bundle
 from mae.runtime.embed_worker import DecodedChunk, DecodeTask, decode_chunk, init_worker, ready
 from mae.runtime.inputs import Inputs, ShardSpec, file_range, keys_checksum, list_inputs, output_files_for, shard_spec
+from mae.runtime.integrity import verify_entry
 from mae.runtime.masking import full_ids_keep
 from mae.runtime.shards import (
     FAILURE_COLUMNS,
@@ -109,26 +110,24 @@ def embedding_shape(config: Any, pool: str) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------- model
 def model_checksum(model: str, engine_name: str, precision: str) -> str:
-    """sha256 of what really runs: the bundle's graph (or for torch its source weights), or the weights."""
+    """sha256 of what really runs, read in full (never a recorded value): the bundle's graph (for torch its source
+    weights; for openvino int8 the NNCF model), or the weights. A bundle file that is not the one mae.json records
+    is refused here (`mae.runtime.integrity`), and resuming compares this with run.json's `model_sha256`."""
     path = Path(model)
     if is_bundle(path):
         bundle = Bundle.load(path)
         if engine_name == "torch":
-            recorded = (bundle.manifest.get("source") or {}).get("sha256")
-            if recorded:
-                return str(recorded)
             from mae.runtime.engines.torch import bundle_source
 
-            source = bundle_source(path)
+            source = bundle_source(path, fresh=True)
             return _path_checksum(source) if source is not None else _path_checksum(bundle.graph("encoder", precision))
         if engine_name == "openvino" and precision == "int8":  # the NNCF model, not the ONNX Runtime graph
             from mae.runtime.engines.openvino import int8_model_path
 
-            path = int8_model_path(bundle, "encoder")  # an MAEError when the bundle has none
-            entry = bundle.manifest["openvino"]["int8"]["encoder"]
-            return str(entry.get("sha256") or sha256_file(path))
-        recorded = bundle.manifest.get("graphs", {}).get(precision, {}).get("encoder", {}).get("sha256")
-        return str(recorded) if recorded else sha256_file(bundle.graph("encoder", precision))
+            int8_model_path(bundle, "encoder", fresh=True)  # an MAEError when the bundle has none or it changed
+            return verify_entry(bundle.path, bundle.manifest["openvino"]["int8"]["encoder"], fresh=True)
+        bundle.graph("encoder", precision, fresh=True)
+        return verify_entry(bundle.path, bundle.manifest["graphs"][precision]["encoder"], fresh=True)
     if not path.exists():
         raise MAEError(f"--model {model} does not exist.", hint="pass a bundle directory or weights for --engine torch")
     return _path_checksum(path)

@@ -28,6 +28,7 @@ from mae.runtime.engines.base import (
     load_bundle,
     warn_int8_cpu,
 )
+from mae.runtime.integrity import verify_entry
 
 INFERENCE_PRECISIONS = {"auto": None, "bf16": "bf16", "f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16"}
 MAX_COMPILED_SHAPES = 8  # static-shape compilations kept (each holds its own copy of the weights)
@@ -78,7 +79,7 @@ def compile_options(
     return options
 
 
-def int8_model_path(bundle: object, part: str) -> Path:  # bundle: mae.runtime.bundle.Bundle
+def int8_model_path(bundle: object, part: str, fresh: bool = False) -> Path:  # bundle: mae.runtime.bundle.Bundle
     """The bundle's OpenVINO int8 model (IR) for `part`, or an MAEError saying how to make one."""
     entry = ((bundle.manifest.get("openvino") or {}).get("int8") or {}).get(part)
     if not entry:
@@ -90,6 +91,7 @@ def int8_model_path(bundle: object, part: str) -> Path:  # bundle: mae.runtime.b
     path = bundle.path / entry["file"]
     if not path.is_file() or not path.with_suffix(".bin").is_file():
         raise MAEError(f"{path} (or its .bin) is listed in mae.json but missing.", hint="re-run `mae export`")
+    verify_entry(bundle.path, entry, fresh=fresh)  # the .xml and its .bin are those export verified
     return path
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from mae.errors import MAEError
 from mae.runtime import hardware
 from mae.runtime.engines.base import OUTPUT_NAMES, check_inputs
+from mae.runtime.integrity import verify_source
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -30,7 +31,7 @@ def resolve_device(torch, device: str) -> str:  # noqa: ANN001 - the torch modul
     return device
 
 
-def bundle_source(model: object) -> Path | None:
+def bundle_source(model: object, fresh: bool = False) -> Path | None:
     """A bundle's recorded source weights, or None when `model` is not a bundle."""
     from mae.runtime.bundle import Bundle, is_bundle
 
@@ -44,6 +45,7 @@ def bundle_source(model: object) -> Path | None:
             f"{bundle.recorded_source or '(no source recorded)'}.",
             hint="pass the weights file itself with --model",
         )
+    verify_source(bundle.path, bundle.manifest, source_path, fresh=fresh)
     return source_path
 
 
