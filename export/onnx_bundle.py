@@ -7,11 +7,13 @@ way, moves them in, and rewrites mae.json (atomically) last.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from mae.export.verify import (
     verify_graph,
     verify_openvino_model,
 )
-from mae.files import current_umask, sha256_file
+from mae.files import FolderLock, current_umask, faults, make_dirs, remove_leftovers, sha256_file, temporary_name
 from mae.model import MaskedAutoencoder
 from mae.runtime.bundle import (
     FORMAT,
@@ -278,6 +280,39 @@ def export_bundle(
     if opset is not None:
         check_opset(opset)  # before the (slow) weights are read
     out_dir = Path(out_dir)
+    with _export_lock(out_dir):
+        return _export_locked(
+            weights, out_dir, wanted, opset, num_heads, decoder_num_heads, verify, resize, progress,
+            external_data_bytes, int8,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _export_lock(out_dir: Path) -> Iterator[None]:
+    """One export into `out_dir` at a time (a second one is told who holds it); the staging folders of exports
+    that were killed (their owner is dead) are removed."""
+    make_dirs(out_dir.parent)
+    hint = "wait for that export to finish, or export into another --out"
+    with FolderLock(out_dir.parent / f".{out_dir.name}.lock", f"{out_dir} (being exported)", hint):
+        remove_leftovers(out_dir.parent, [out_dir.name], kind="export")
+        for legacy in out_dir.parent.glob(f".{out_dir.name}.export-*"):  # untagged staging of earlier versions
+            shutil.rmtree(legacy, ignore_errors=True)
+        yield
+
+
+def _export_locked(
+    weights: Any,
+    out_dir: Path,
+    wanted: list[str],
+    opset: int | None,
+    num_heads: int | None,
+    decoder_num_heads: int | None,
+    verify: bool,
+    resize: str | None,
+    progress: bool,
+    external_data_bytes: int,
+    int8: Int8Options,
+) -> Bundle:
     steps = Steps(enabled=progress)
     existing = _existing_bundle(out_dir)
 
@@ -299,8 +334,9 @@ def export_bundle(
     if not model.has_decoder:
         steps.note("These weights have no decoder: exporting the encoder alone (embeddings yes, reconstruction no).")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    prefix, suffix = temporary_name(out_dir.name, "export")
+    with faults(out_dir.parent, "create a staging folder in"):
+        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=prefix, suffix=suffix))
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; the bundle is an ordinary directory
         graphs, reports, int8_record = _export_precisions(
@@ -330,7 +366,8 @@ def export_bundle(
         manifest["verification"] = {p: manifest["verification"][p] for p in PRECISIONS if p in manifest["verification"]}
         if existing is None:
             bundle.save()
-            os.replace(staging, out_dir)  # also replaces an empty directory
+            with faults(out_dir, "write the bundle"):
+                os.replace(staging, out_dir)  # also replaces an empty directory
         else:
             entries = [entry for precision in wanted for entry in graphs[precision].values()]
             entries += list(((manifest.get("openvino") or {}).get("int8") or {}).values()) if int8_record else []

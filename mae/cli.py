@@ -320,9 +320,12 @@ def main() -> None:
                 typer.secho("Interrupted.", err=True)
             sys.exit(exit_code)
     except MAEError as exc:
-        typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
-        if exc.hint:
-            typer.secho(f"  hint: {exc.hint}", err=True)
+        show_error(exc)
+        sys.exit(2)
+    except OSError as exc:  # a file-system fault no writer turned into a message: the same message, never a traceback
+        from mae.files import fault
+
+        show_error(fault(exc, action="open" if isinstance(exc, FileNotFoundError) else "write"))
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -337,6 +340,12 @@ def main() -> None:
             raise
         show_usage_error(exc)
         sys.exit(exc.exit_code)
+
+
+def show_error(exc: MAEError) -> None:
+    typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
+    if exc.hint:
+        typer.secho(f"  hint: {exc.hint}", err=True)
 
 
 def click_exception_types() -> tuple[type[Exception], ...]:

@@ -50,10 +50,19 @@ from PIL import Image
 
 from mae import __version__
 from mae.errors import MAEError, require
-from mae.files import sha256_file
+from mae.files import free_bytes, sha256_file, size_text
 from mae.runtime.bundle import Bundle, Preprocessing, is_bundle
 from mae.runtime.embed_worker import DecodedChunk, DecodeTask, decode_chunk, init_worker, ready
-from mae.runtime.inputs import Inputs, ShardSpec, file_range, keys_checksum, list_inputs, output_files_for, shard_spec
+from mae.runtime.inputs import (
+    Inputs,
+    ShardSpec,
+    file_range,
+    keys_checksum,
+    list_inputs,
+    num_output_files,
+    output_files_for,
+    shard_spec,
+)
 from mae.runtime.integrity import verify_entry
 from mae.runtime.masking import full_ids_keep
 from mae.runtime.shards import (
@@ -478,9 +487,12 @@ class _Writer:
     """Writes finished output files in a background thread, one at a time, so that the engine keeps running while
     a file is written and fsynced. At most one file waits (bounded memory); errors surface on the next call."""
 
-    def __init__(self, out_folder: OutputFolder, params_sha256: str, markers: dict[int, dict[str, Any]]) -> None:
+    def __init__(
+        self, out_folder: OutputFolder, params_sha256: str, model_sha256: str, markers: dict[int, dict[str, Any]]
+    ) -> None:
         self.out_folder = out_folder
         self.params_sha256 = params_sha256
+        self.model_sha256 = model_sha256
         self.markers = markers  # filled in as files are done
         self.seconds = 0.0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-writer")
@@ -492,7 +504,9 @@ class _Writer:
 
     def _write(self, number: int, rows: ShardRows, keys_sha256: str, indexes: range) -> None:
         started = time.perf_counter()
-        self.markers[number] = self.out_folder.write_shard(number, rows, self.params_sha256, keys_sha256, indexes)
+        self.markers[number] = self.out_folder.write_shard(
+            number, rows, self.params_sha256, keys_sha256, indexes, self.model_sha256
+        )
         self.seconds += time.perf_counter() - started
 
     def wait(self) -> None:
@@ -511,6 +525,23 @@ class _Writer:
 
 def _file_keys_checksum(inputs: Inputs, indexes: range) -> str:
     return keys_checksum([f"{index}\0{inputs.keys[index]}" for index in indexes])
+
+
+ROW_OVERHEAD_BYTES = 160  # metadata (parquet) and failure rows per image, with room for long paths
+
+
+def _warn_if_it_cannot_fit(root: Path, images: int, row_bytes: int, progress: bool) -> None:
+    """Say before starting when the output will not fit in the free space (the job would stop with a full disk:
+    nothing written is lost, and a rerun after freeing space resumes)."""
+    needed = images * (row_bytes + ROW_OVERHEAD_BYTES)
+    free = free_bytes(root)
+    if progress and free is not None and needed > free:
+        print(
+            f"warning: this job writes about {size_text(needed)} into {root}, where {size_text(free)} is free; it "
+            "will stop when the disk is full (finished files are kept: free space and run it again to resume).",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _summary_name(spec: ShardSpec) -> str:
@@ -592,7 +623,14 @@ def embed(
             "(kept in memory until it is written).",
             hint=f"use --shard-size {fitting} or less",
         )
-    out_folder.claim(params)
+    plan = {
+        "workers": spec.count,
+        "files": num_output_files(len(inputs), shard_size),
+        "shard_size": shard_size,
+        "inputs": len(inputs),
+        "inputs_sha256": inputs.fingerprint,
+    }
+    plan = out_folder.claim(params, plan)
     # Imported here rather than at the first write, inside the timed pipeline (a third of a second).
     require("pyarrow.parquet", "cpu", "Writing embedding metadata (parquet)")
 
@@ -600,15 +638,15 @@ def embed(
     markers: dict[int, dict[str, Any]] = {}
     pending: list[int] = []
     for number in my_files:
-        marker = out_folder.is_done(
-            number, params_sha256, _file_keys_checksum(inputs, file_range(number, len(inputs), shard_size))
-        )
+        indexes = file_range(number, len(inputs), shard_size)
+        marker = out_folder.is_done(number, params_sha256, _file_keys_checksum(inputs, indexes), indexes)
         if marker is None:
             pending.append(number)
         else:
             markers[number] = marker
     out_folder.clean_temporaries(my_files)
     pending_images = sum(len(file_range(number, len(inputs), shard_size)) for number in pending)
+    _warn_if_it_cannot_fit(out_folder.root, pending_images, file_bytes // shard_size, progress)
 
     decoder = Decoder(workers) if pending else None
     bar = _Progress(pending_images, progress, f"embed {spec.label}" if spec.count > 1 else "embed")
@@ -625,7 +663,7 @@ def embed(
                 task = DecodeTask(chunk, [inputs.paths[i] for i in chunk], pre.to_dict(), resize)
                 yield state, chunk[-1] == indexes.stop - 1, task
 
-    writer = _Writer(out_folder, params_sha256, markers)
+    writer = _Writer(out_folder, params_sha256, params["model_sha256"], markers)
     pipeline_started = time.perf_counter()
     try:
         stream = tasks()
@@ -661,6 +699,12 @@ def embed(
     )  # fmt: skip
     if auto_line:
         summary["engine"]["auto"] = auto_line
+    # The whole job, not only this worker's part: a file no worker has finished yet is said, never left unsaid.
+    summary["plan"] = {
+        "workers": plan["workers"],
+        "files": plan["files"],
+        "done": out_folder.done_count(list(range(plan["files"])), params_sha256),
+    }
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out_folder.root / _summary_name(spec), lambda handle: handle.write(text.encode()))
     failed = summary["counts"]["failed"]
@@ -823,5 +867,11 @@ def _print_report(summary: dict[str, Any]) -> None:
             f"{this_run['images_per_second']} img/s overall; inference {stages['inference']['images_per_second']}"
             f" img/s; decode {stages['decode']['images_per_worker_second']} img/s per worker",
         )
+    plan = summary.get("plan")
+    if plan and plan["done"] < plan["files"]:
+        rest = plan["files"] - plan["done"]
+        who = f"the other {plan['workers'] - 1} workers' part, or " if plan["workers"] > 1 else ""
+        text = f"{plan['done']} of {plan['files']} output files done; {rest} still to write ({who}run again)"
+        table.add_row("job", text)
     table.add_row("output", summary["output"]["folder"])
     console.print(table)

@@ -18,6 +18,7 @@ is valid only if it names this run's parameters and inputs and the files it list
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,7 +31,15 @@ import numpy as np
 
 from mae import __version__
 from mae.errors import MAEError, require
-from mae.files import atomic_write
+from mae.files import (
+    atomic_write,
+    current_umask,
+    faults,
+    make_dirs,
+    remove_leftovers,
+    sha256_file,
+    temporary_name,
+)
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "mae-embeddings"
@@ -47,14 +56,6 @@ def shard_name(number: int) -> str:
 
 def params_checksum(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -75,111 +76,139 @@ class OutputFolder:
         return self.root / folder / f"{shard_name(number)}{suffix}"
 
     # ------------------------------------------------------------------------------------------ run.json
-    def claim(self, params: dict[str, Any]) -> None:
-        """Record `params` in run.json, or check that the folder was started with the same ones.
+    def claim(self, params: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+        """Record `params` and the shard `plan` in run.json, or check that the folder was started with the same.
 
         Several workers may start at once: the first hard-link of a complete temporary file wins, the others
-        read it and compare.
+        read it and compare. Returns the recorded plan.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.root)
         run_path = self.root / RUN_FILE
         record = {
             "format": RUN_FORMAT,
             "format_version": FORMAT_VERSION,
             "toolkit_version": __version__,
             "params": params,
+            "plan": plan,
         }
-        if not run_path.exists():
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{RUN_FILE}.", suffix=".tmp")
+        text = json.dumps(record, indent=2) + "\n"
+        with faults(run_path, "write"):
+            if not run_path.exists():
+                self._create_once(run_path, text)
+        return self._check_same(run_path, params, plan)
+
+    def _create_once(self, run_path: Path, text: str) -> None:
+        """Create run.json unless another worker did first: a complete temporary hard-linked into place."""
+        prefix, suffix = temporary_name(RUN_FILE)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=prefix, suffix=suffix)
+        try:
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: readable by workers of other users
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
             try:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(json.dumps(record, indent=2) + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                os.link(tmp, run_path)
+            except FileExistsError:
+                pass
+            except OSError as exc:  # no hard links on this file system: exclusive create instead
+                if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO):
+                    raise
                 try:
-                    os.link(tmp, run_path)
+                    with open(run_path, "x") as handle:
+                        handle.write(text)
                 except FileExistsError:
                     pass
-                except OSError:  # no hard links on this file system: exclusive create instead
-                    try:
-                        with open(run_path, "x") as handle:
-                            handle.write(json.dumps(record, indent=2) + "\n")
-                    except FileExistsError:
-                        pass
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        self._check_same(run_path, params)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
-    def _check_same(self, run_path: Path, params: dict[str, Any]) -> None:
+    def _check_same(self, run_path: Path, params: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
         try:
             existing = json.loads(run_path.read_text())
         except (OSError, ValueError) as exc:
             raise MAEError(
                 f"{run_path} is unreadable ({exc}); the output folder is damaged.", hint="use a new --out"
             ) from exc
-        if existing.get("format") != RUN_FORMAT:
+        if not isinstance(existing, dict) or existing.get("format") != RUN_FORMAT:
             raise MAEError(f"{self.root} holds something other than mae embeddings ({run_path}).")
         old = existing.get("params", {})
-        if old == params:
-            return
-        changed = sorted(key for key in set(old) | set(params) if old.get(key) != params.get(key))
-        if set(changed) <= {"inputs", "inputs_sha256"}:
+        if old != params:
+            raise _changed(self.root, old, params)
+        recorded = existing.get("plan") or plan  # run.json of an older version: no plan recorded
+        workers, mine = recorded.get("workers"), plan["workers"]
+        if mine != 1 and workers != mine:
             raise MAEError(
-                f"The input changed since {self.root} was started ({old.get('inputs')} files then, "
-                f"{params.get('inputs')} now, or other names): its output files would no longer line up with it.",
-                hint="embed the new input into a new --out (or restore the original file list to resume)",
+                f"{self.root} is split among {workers} workers (as its first worker began), but this worker is one "
+                f"of {mine}: together they would leave output files to nobody.",
+                hint=f"use --shard I/{workers} (I = 0..{workers - 1}) as the others did; a single worker (no --shard) "
+                "may always finish the whole job; or choose a new --out",
             )
-        details = "; ".join(f"{key}: {_short(old.get(key))} -> {_short(params.get(key))}" for key in changed)
-        raise MAEError(
-            f"{self.root} was started with different settings ({details}). Mixing them would give embeddings that "
-            "do not belong together.",
-            hint="rerun with the original arguments to resume, or choose a new --out",
-        )
+        return recorded
 
     # ---------------------------------------------------------------------------------------------- shards
     def clean_temporaries(self, numbers: list[int]) -> int:
-        """Remove temporary files a killed run left for the shards `numbers` (other workers own the rest).
+        """Remove temporary files that a killed run left for the shards `numbers`.
 
-        Each folder is listed once. Returns how many were removed.
+        Only those of dead processes (`mae.files.remove_leftovers`): another run writing into the same folder
+        keeps its in-flight files. Returns how many were removed.
         """
-        wanted = {shard_name(number) for number in numbers}
         removed = 0
         for folder in FOLDERS:
-            directory = self.root / folder
-            if not directory.is_dir():
-                continue
-            for entry in os.scandir(directory):
-                # atomic_write's temporaries: ".NNNNN.<suffix>.<random>.tmp"
-                name = entry.name
-                if name.startswith(".") and name.endswith(".tmp") and name[1:].split(".")[0] in wanted:
-                    Path(entry.path).unlink(missing_ok=True)
-                    removed += 1
+            names = {self.path(folder, number).name for number in numbers}
+            removed += remove_leftovers(self.root / folder, names)
         return removed
 
-    def is_done(self, number: int, params_sha256: str, keys_sha256: str) -> dict[str, Any] | None:
-        """The done marker of shard `number` if it is complete and belongs to this run, else None."""
+    def is_done(
+        self, number: int, params_sha256: str, keys_sha256: str, indexes: range | None = None
+    ) -> dict[str, Any] | None:
+        """The done marker of shard `number` if it is complete and belongs to this run, else None.
+
+        Complete: it names this run's parameters and inputs, its row counts add up to the file's inputs (`indexes`)
+        and match the embeddings file, and the files it lists have the recorded sizes and checksums.
+        """
         marker_path = self.path("done", number)
         try:
             marker = json.loads(marker_path.read_text())
         except (OSError, ValueError):
             return None
         if (
-            marker.get("format") != DONE_FORMAT
+            not isinstance(marker, dict)
+            or marker.get("format") != DONE_FORMAT
             or marker.get("params_sha256") != params_sha256
             or marker.get("keys_sha256") != keys_sha256
+            or set(marker.get("files") or {}) != {"embeddings", "metadata", "failures"}
         ):
             return None
-        for folder, record in marker.get("files", {}).items():
+        if indexes is not None and not _counts_add_up(marker, indexes):
+            return None
+        for folder, record in marker["files"].items():
             path = self.path(folder, number)
             try:
-                if path.stat().st_size != record["bytes"] or _sha256(path) != record["sha256"]:
+                if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
                     return None
             except (OSError, KeyError, TypeError):
                 return None
-        return marker if set(marker.get("files", {})) == {"embeddings", "metadata", "failures"} else None
+        return marker if _npy_rows(self.path("embeddings", number)) == marker["rows"] else None
+
+    def done_count(self, numbers: list[int], params_sha256: str) -> int:
+        """How many of `numbers` have a done marker of this run (cheap: markers only, no file is hashed)."""
+        count = 0
+        for number in numbers:
+            try:
+                marker = json.loads(self.path("done", number).read_text())
+            except (OSError, ValueError):
+                continue
+            count += isinstance(marker, dict) and marker.get("params_sha256") == params_sha256
+        return count
 
     def write_shard(
-        self, number: int, rows: ShardRows, params_sha256: str, keys_sha256: str, index_range: range
+        self,
+        number: int,
+        rows: ShardRows,
+        params_sha256: str,
+        keys_sha256: str,
+        index_range: range,
+        model_sha256: str | None = None,
     ) -> dict[str, Any]:
         """Write the three data files, then the done marker. Returns the marker."""
         pa = require("pyarrow", "cpu", "Writing embedding metadata (parquet)")
@@ -197,7 +226,12 @@ class OutputFolder:
         files = {}
         for folder in ("embeddings", "metadata", "failures"):
             path = self.path(folder, number)
-            files[folder] = {"file": f"{folder}/{path.name}", "bytes": path.stat().st_size, "sha256": _sha256(path)}
+            with faults(path, "read back"):
+                files[folder] = {
+                    "file": f"{folder}/{path.name}",
+                    "bytes": path.stat().st_size,
+                    "sha256": sha256_file(path),
+                }
         marker = {
             "format": DONE_FORMAT,
             "format_version": FORMAT_VERSION,
@@ -209,6 +243,7 @@ class OutputFolder:
             "failed_by_reason": _count(rows.failures["error"]),
             "keys_sha256": keys_sha256,
             "params_sha256": params_sha256,
+            "model_sha256": model_sha256,
             "files": files,
         }
         text = json.dumps(marker, indent=2) + "\n"
@@ -226,6 +261,59 @@ _ARROW_TYPES = {
     "height": lambda pa: pa.int32(),
     "message": lambda pa: pa.string(),
 }
+
+
+def _counts_add_up(marker: dict[str, Any], indexes: range) -> bool:
+    """A marker's counts must describe exactly the file's inputs: an edited count is not taken as done."""
+    rows, failed = marker.get("rows"), marker.get("failed")
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in (rows, failed)):
+        return False
+    return (
+        marker.get("first_index") == indexes.start
+        and marker.get("stop_index") == indexes.stop
+        and rows >= 0
+        and failed >= 0
+        and rows + failed == len(indexes)
+        and sum((marker.get("failed_by_reason") or {}).values()) == failed
+    )
+
+
+def _npy_rows(path: Path) -> int | None:
+    """The row count in a .npy header (the data is not read)."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, _, _ = read_header(handle)
+    except (OSError, ValueError):
+        return None
+    return int(shape[0]) if shape else None
+
+
+def _changed(root: Path, old: dict[str, Any], params: dict[str, Any]) -> MAEError:
+    """The error for a run restarted with other parameters than run.json records."""
+    changed = sorted(key for key in set(old) | set(params) if old.get(key) != params.get(key))
+    if set(changed) <= {"inputs", "inputs_sha256"}:
+        return MAEError(
+            f"The input changed since {root} was started ({old.get('inputs')} files then, "
+            f"{params.get('inputs')} now, or other names): its output files would no longer line up with it.",
+            hint="embed the new input into a new --out (or restore the original file list to resume)",
+        )
+    if changed == ["model_sha256"]:
+        return MAEError(
+            f"The model changed since {root} was started (sha256 {str(old.get('model_sha256'))[:12]}… then, "
+            f"{str(params.get('model_sha256'))[:12]}… now: re-exported, or other weights): finishing the job would "
+            "mix embeddings of two models.",
+            hint="embed with the new model into a new --out, or restore the model the job began with to resume",
+        )
+    details = "; ".join(f"{key}: {_short(old.get(key))} -> {_short(params.get(key))}" for key in changed)
+    return MAEError(
+        f"{root} was started with different settings ({details}). Mixing them would give embeddings that "
+        "do not belong together.",
+        hint="rerun with the original arguments to resume, or choose a new --out",
+    )
 
 
 def _count(values: list[str]) -> dict[str, int]:
