@@ -55,6 +55,7 @@ _CAUSES: dict[int, tuple[str, str]] = {
         "check the device, then run it again",
     ),
     errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter path"),
+    errno.ENOENT: ("it does not exist (or a folder on its path does not)", "check the path"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer workers"),
 }
 _SHORT_WRITE = "requested and"  # numpy's writer: "OSError: 249600 requested and 26592 written" (no errno)

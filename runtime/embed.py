@@ -593,15 +593,18 @@ def embed(
         from mae.runtime.engines import create_engine
 
         engine_name = engine
+        # Hashed in full first (start and resume alike); the engine's own check then finds the hash cached.
+        model_sha256 = model_checksum(model, engine_name, precision)
         options = {"provider": provider, "device": "auto", **extra}
         runner = create_engine(engine, model, part="encoder", precision=precision, **options)
     else:
         runner, engine_name = engine, getattr(engine, "name", type(engine).__name__)
+        model_sha256 = model_checksum(model, engine_name, precision)
     config = runner.config
     pre = _preprocessing_for(model, runner)
     resize = resize or pre.resize
     params = {
-        "model_sha256": model_checksum(model, engine_name, precision),
+        "model_sha256": model_sha256,
         "engine": "trt" if engine_name == "tensorrt" else engine_name,
         "precision": precision,
         "pool": pool,

@@ -2,10 +2,11 @@
 
     OUT/
       run.json                 the parameters every shard was computed with (model checksum, pool, resize, ...)
+                               and the plan: {workers N, files, shard_size, inputs, inputs_sha256}
       embeddings/NNNNN.npy     float32|float16 [n, D] (C order); [n, 1+L, D] for pool=tokens
       metadata/NNNNN.parquet   n rows, row i describes embeddings row i: path, key, index, status, error, width, height
       failures/NNNNN.parquet   the inputs of file NNNNN that could not be embedded (same columns + message)
-      done/NNNNN.json          written last: row counts, input checksum and sha256 of the three files above
+      done/NNNNN.json          written last: row counts, input and model checksums, sha256 of the three files above
 
 Why failures live apart: embedding-reader pairs embeddings/ and metadata/ file by file and autofaiss indexes every
 row of every .npy, so a placeholder row (zeros or NaN) for a broken image would become a bogus neighbour (or break
@@ -13,7 +14,12 @@ the index). Failed inputs are therefore in neither, and `failures/` records each
 
 Every file is written to a temporary name in its folder, fsynced and renamed; the done marker comes last, so a
 shard without a valid marker is simply computed again, and nothing half-written is ever taken as finished. A marker
-is valid only if it names this run's parameters and inputs and the files it lists have the recorded checksums.
+is valid only if it names this run's parameters and inputs, its counts add up to the file's inputs and match the
+.npy header, and the files it lists have the recorded checksums. Temporaries are owner-tagged (`mae.files`): a run
+removes only those of dead processes, so two runs in one folder never delete each other's files.
+
+The plan: a worker with another N than the one run.json records is refused (0/2 and 1/3 together leave files to
+nobody); a single worker (N = 1) may always join, since it covers every file.
 """
 
 from __future__ import annotations
