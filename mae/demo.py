@@ -13,6 +13,7 @@ must not make the stop, and so the numbers, depend on how busy the machine is).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mae.errors import MAEError
-from mae.files import atomic_write_text
+from mae.files import atomic_write_bytes, atomic_write_text, make_dirs
 from mae.runtime.engines.auto import GATE
 
 PRESET = "mae_vit_mini_patch8"  # 64 px, 8 px patches, 6 + 2 blocks
@@ -52,7 +53,7 @@ def gather_photos(folder: Path) -> list[Path]:
 
     from mae.data import shipped_photos
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     arrays = shipped_photos()
     paths = []
     for name, array in arrays.items():
@@ -62,7 +63,9 @@ def gather_photos(folder: Path) -> list[Path]:
             scale = PHOTO_SIDE / min(image.size)
             if scale < 1:
                 image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-            image.save(path)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            atomic_write_bytes(path, buffer.getvalue())  # a kill never leaves a half photo that a rerun reuses
         paths.append(path)
     return sorted(paths)
 
@@ -123,8 +126,7 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
     if minutes <= 0:
         raise MAEError(f"--minutes must be positive, got {minutes}")
     console = Console()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(out)
     summary: dict[str, Any] = {"seed": seed, "minutes": minutes}
     started = time.perf_counter()
 
