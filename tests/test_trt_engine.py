@@ -290,6 +290,14 @@ def fakes(monkeypatch, tiny_model):
     return install
 
 
+def test_an_engine_file_that_is_not_the_one_built_is_refused(tmp_path, tiny_model, fakes):
+    """Issue 15: the plan file is checked against the sha256 its sidecar recorded when it was built."""
+    fakes(FakeEngine(tiny_model, "INT64", max_batch=4))
+    bundle = fake_bundle(tmp_path, tiny_model.cfg, {"sha256": "c" * 64})
+    with pytest.raises(MAEError, match="encoder.engine is not the file that was exported"):
+        create_engine("trt", bundle, "encoder", device="auto")
+
+
 @pytest.mark.parametrize("ids_dtype", ["INT64", "INT32"])
 def test_run_copies_shapes_and_values_like_torch(tmp_path, tiny_model, fakes, ids_dtype):
     cudart = fakes(FakeEngine(tiny_model, ids_dtype, max_batch=4))

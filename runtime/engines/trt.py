@@ -15,6 +15,7 @@ import numpy as np
 
 from mae.errors import MAEError
 from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle
+from mae.runtime.integrity import verify_file
 
 EXTRA = "tensorrt"
 ENGINE_PRECISIONS = ("fp32", "fp16")  # what `mae export --format trt` builds
@@ -229,6 +230,7 @@ class TensorRTEngine:
 
         sidecar = load_sidecar(engine_path)
         check_engine_source(sidecar, self.bundle.manifest, part, engine_path)
+        verify_file(engine_path, sidecar.get("sha256"), self.bundle.path)  # the plan file that was built and checked
         self.cudart = cudart
         _check(cudart, cudart.cudaSetDevice(self.device_index))
 
