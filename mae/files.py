@@ -15,7 +15,8 @@ Torch-free and numpy-free (stdlib only), so the runtime, export and training all
   `$MAE_CACHE_DIR/sha256/`, keyed by its device, inode, size, mtime and ctime, so opening a large graph again costs
   a `stat` (a copy over it, even one that keeps the mtime, changes the ctime and is hashed again).
 - **Locks.** `FolderLock`: an exclusive `flock` on a lock file, released by the kernel when its process dies
-  (even by SIGKILL), so a lock is never stale; the second run is told who holds it.
+  (even by SIGKILL), so a lock is never stale; the second run is told who holds it. The file is removed on release
+  (a killed holder leaves an empty one, which the next run simply locks).
 """
 
 from __future__ import annotations
@@ -338,23 +339,35 @@ class FolderLock:
         except ImportError:  # pragma: no cover - Windows
             return self
         make_dirs(self.lock_file.parent)
-        with faults(self.lock_file, "lock"):
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_holder(fd)
+        while True:
+            with faults(self.lock_file, "lock"):
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise MAEError(f"{self.what} is in use by another mae process ({holder}).", hint=self.hint) from exc
+                raise fault(exc, self.lock_file, "lock") from exc
+            # The holder before us removes the file as it releases it: a lock on a removed file locks nothing.
+            try:
+                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise MAEError(f"{self.what} is in use by another mae process ({holder}).", hint=self.hint) from exc
-            raise fault(exc, self.lock_file, "lock") from exc
         os.ftruncate(fd, 0)
         os.write(fd, owner_tag().encode())
         self._fd = fd
         return self
 
     def release(self) -> None:
+        """Remove the lock file, then drop the lock (in that order, so a waiting process re-checks the file)."""
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.lock_file.unlink()
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 

@@ -303,7 +303,7 @@ def test_staging_folders_of_killed_exports_are_removed(tmp_path, models, monkeyp
     code, output = run_cli(monkeypatch, capsys, "export", models[0][0], "--out", tmp_path / "bundle")
     assert code == 0, output
     assert not old.exists() and not dead.exists() and other.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", ".otherbundle.export-k2j3h4", "bundle"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".otherbundle.export-k2j3h4", "bundle"]  # no lock left
 
 
 # --------------------------------------------------------------------------------------- 5. file systems
