@@ -6,12 +6,56 @@ Numpy/stdlib only: `mae.runtime` reads configs from bundles without torch.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mae.errors import MAEError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+def shown(value: Any) -> str:
+    """A value as it reads in a JSON file (`"32"`, `2.5`, `true`), shortened: for error messages."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_whole_number(value: Any) -> bool:
+    """An int, but not a bool (JSON `true` is not 1) nor a float (`2.5`, and `32.0` too: files hold integers)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {  # annotation -> (check, what a message says it expects)
+    "int": (is_whole_number, "a whole number"),
+    "float": (is_number, "a number"),
+    "bool": (lambda value: isinstance(value, bool), "true or false"),
+    "str": (lambda value: isinstance(value, str), "a string"),
+}
+
+
+def type_problem(kind: str, value: Any) -> str | None:
+    """What `value` should be for a field annotated `kind` ("int", "int | None", "float", "bool", "str"), or None."""
+    optional = kind.endswith(" | None")
+    if optional:
+        if value is None:
+            return None
+        kind = kind.removesuffix(" | None")
+    ok, expected = _KINDS[kind]
+    if ok(value):
+        return None
+    return expected + (" (or null)" if optional else "")
 
 
 # Weights of the decoder half (our names); everything else belongs to the encoder.
@@ -39,22 +83,7 @@ class MAEConfig:
     mask_ratio: float = 0.75  # default fraction of patches removed in pretraining
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.img_size <= 0 or self.patch_size <= 0 or self.img_size % self.patch_size:
-            problems.append(f"img_size {self.img_size} must be a positive multiple of patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.decoder_embed_dim % self.decoder_num_heads:
-            problems.append(
-                f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by decoder_num_heads "
-                f"{self.decoder_num_heads}"
-            )
-        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
-            problems.append("embed_dim and decoder_embed_dim must be multiples of 4 (2-D sin-cos position embedding)")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            problems.append(f"mask_ratio {self.mask_ratio} must be in [0, 1)")
-        if self.act not in ACTIVATIONS:
-            problems.append(f"act {self.act!r} must be one of {', '.join(ACTIVATIONS)}")
+        problems = config_problems({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         if problems:
             raise MAEError("Invalid MAE configuration: " + "; ".join(problems))
 
@@ -89,15 +118,84 @@ class MAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MAEConfig:
+    def from_dict(
+        cls, data: Any, source: str = "MAE config", key: str = "config", hint: str | None = None
+    ) -> MAEConfig:
+        """An MAEConfig from a JSON object (mae.json's `config`, a checkpoint's, an ONNX graph's `mae.config`).
+        Fields left out take their defaults; anything else wrong is one MAEError naming `source` and `key.field`."""
+        if not isinstance(data, Mapping):
+            raise MAEError(f"{source}: {key} must be a JSON object of MAE config fields, got {shown(data)}.", hint=hint)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise MAEError(
-                f"Unknown MAE config fields: {', '.join(unknown)}",
+                f"{source}: Unknown MAE config fields in {key}: {', '.join(map(str, unknown))}",
                 hint="the file was written by a newer mae; upgrade mae-toolkit",
             )
-        return cls(**data)
+        problems = config_problems(data, name=lambda field: f"{key}.{field}")
+        if problems:
+            raise MAEError(f"{source}: " + "; ".join(problems) + ".", hint=hint)
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        # 4 in a file is the float 4.0; whole numbers stay ints (numpy ints become Python ints).
+        values = {
+            name: (float(value) if kinds[name] == "float" else int(value) if is_whole_number(value) else value)
+            for name, value in data.items()
+        }
+        return cls(**values)
+
+
+# Fields that must be >= 1 (depth too: an encoder has blocks; decoder_depth may be 0).
+_POSITIVE = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_num_heads",
+)
+_POSITIVE_IF_SET = ("encoder_mlp_dim", "decoder_mlp_dim")
+
+
+def config_problems(values: Mapping[str, Any], name: Callable[[str], str] = str) -> list[str]:
+    """What is wrong with MAEConfig field values (a subset: missing ones take their defaults): types first, then
+    ranges, then consistency. `name(field)` is how a message names a field (`config.img_size`, HF `image_size`)."""
+    fields = {f.name: f for f in dataclasses.fields(MAEConfig)}
+    problems = []
+    for field_name, value in values.items():
+        if field_name in fields and (expected := type_problem(fields[field_name].type, value)):
+            problems.append(f"{name(field_name)} must be {expected}, got {shown(value)}")
+    if problems:
+        return problems
+    v = {field_name: values.get(field_name, field.default) for field_name, field in fields.items()}
+    for field_name in _POSITIVE:
+        if v[field_name] < 1:
+            problems.append(f"{name(field_name)} must be at least 1, got {shown(v[field_name])}")
+    if v["decoder_depth"] < 0:
+        problems.append(f"{name('decoder_depth')} must be 0 or more, got {shown(v['decoder_depth'])}")
+    for field_name in _POSITIVE_IF_SET:
+        if v[field_name] is not None and v[field_name] < 1:
+            problems.append(f"{name(field_name)} must be at least 1 (or null), got {shown(v[field_name])}")
+    for field_name in ("mlp_ratio", "layer_norm_eps"):
+        if not v[field_name] > 0:
+            problems.append(f"{name(field_name)} must be greater than 0, got {shown(v[field_name])}")
+    if not 0.0 <= v["mask_ratio"] < 1.0:
+        problems.append(f"{name('mask_ratio')} {shown(v['mask_ratio'])} must be in [0, 1)")
+    if v["act"] not in ACTIVATIONS:
+        problems.append(f"{name('act')} {v['act']!r} must be one of {', '.join(ACTIVATIONS)}")
+    if problems:
+        return problems
+    img_size, patch_size = v["img_size"], v["patch_size"]
+    if img_size % patch_size:
+        problems.append(f"{name('img_size')} {img_size} must be a multiple of {name('patch_size')} {patch_size}")
+    for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+        if v[width] % v[heads]:
+            problems.append(f"{name(width)} {v[width]} is not divisible by {name(heads)} {v[heads]}")
+    for width in ("embed_dim", "decoder_embed_dim"):
+        if v[width] % 4:
+            problems.append(f"{name(width)} {v[width]} must be a multiple of 4 (2-D sin-cos position embedding)")
+    return problems
 
 
 PRESETS: dict[str, MAEConfig] = {

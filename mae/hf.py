@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mae.config import ACTIVATIONS, MAEConfig
+from mae.config import ACTIVATIONS, MAEConfig, config_problems, shown, type_problem
 from mae.errors import MAEError
 
 # Hugging Face `hidden_act` values we can run, and the activation each one is.
@@ -44,6 +44,49 @@ HF_DEFAULTS: dict[str, Any] = {
     "mask_ratio": 0.75,
     "norm_pix_loss": False,
 }
+
+# The JSON type of each config.json field mae reads (image_size / patch_size: a whole number or a square pair).
+HF_KINDS: dict[str, str] = {
+    "hidden_size": "int",
+    "num_hidden_layers": "int",
+    "num_attention_heads": "int",
+    "intermediate_size": "int",
+    "hidden_act": "str",
+    "layer_norm_eps": "float",
+    "num_channels": "int",
+    "qkv_bias": "bool",
+    "decoder_num_attention_heads": "int",
+    "decoder_hidden_size": "int",
+    "decoder_num_hidden_layers": "int",
+    "decoder_intermediate_size": "int",
+    "mask_ratio": "float",
+    "norm_pix_loss": "bool",
+    "head_dim": "int",
+    "hidden_dropout_prob": "float",
+    "attention_probs_dropout_prob": "float",
+}
+
+# The config.json field each MAEConfig field comes from, so that a problem names the key the user can edit.
+HF_NAMES = {
+    "img_size": "image_size",
+    "patch_size": "patch_size",
+    "in_chans": "num_channels",
+    "embed_dim": "hidden_size",
+    "depth": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "decoder_embed_dim": "decoder_hidden_size",
+    "decoder_depth": "decoder_num_hidden_layers",
+    "decoder_num_heads": "decoder_num_attention_heads",
+    "encoder_mlp_dim": "intermediate_size",
+    "decoder_mlp_dim": "decoder_intermediate_size",
+    "layer_norm_eps": "layer_norm_eps",
+    "qkv_bias": "qkv_bias",
+    "act": "hidden_act",
+    "norm_pix_loss": "norm_pix_loss",
+    "mask_ratio": "mask_ratio",
+}
+
+_HF_CONFIG_HINT = "correct config.json, or write it again with transformers (ViTMAEConfig(...).save_pretrained(FOLDER))"
 
 HF_WEIGHT_FILES = (
     "model.safetensors",
@@ -97,6 +140,11 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         hf_json = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise MAEError(f"Cannot read {folder / 'config.json'}: {exc}") from exc
+    if not isinstance(hf_json, dict):
+        raise MAEError(
+            f"{folder / 'config.json'} must hold a JSON object (a ViTMAE config), got {shown(hf_json)}.",
+            hint=_HF_CONFIG_HINT,
+        )
     model_type = hf_json.get("model_type")
     if model_type != "vit_mae":
         raise MAEError(
@@ -149,14 +197,25 @@ def _square(value: Any, name: str, folder: Path) -> int:
         if len(value) != 2 or value[0] != value[1]:
             raise MAEError(f"{folder}/config.json has {name}={list(value)}; mae supports square images and patches.")
         value = value[0]
-    if not isinstance(value, int):
-        raise MAEError(f"{folder}/config.json has {name}={value!r}; expected a whole number.")
-    return value
+    if type_problem("int", value):
+        raise MAEError(
+            f"{folder}/config.json: {name} must be a whole number (or a square pair [n, n]), got {shown(value)}.",
+            hint=_HF_CONFIG_HINT,
+        )
+    return int(value)
 
 
 def hf_config(hf: dict[str, Any], folder: Path) -> tuple[MAEConfig, list[str]]:
-    """ViTMAEConfig fields -> MAEConfig; anything mae cannot reproduce is an error, never silently dropped."""
+    """ViTMAEConfig fields -> MAEConfig; anything mae cannot reproduce is an error, never silently dropped.
+    Every field read is checked for its JSON type first (`"32"`, `2.5`, `"false"` are errors, not 32, 2, True)."""
     values = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    wrong = [
+        f"{key} must be {expected}, got {shown(values[key])}"
+        for key, kind in HF_KINDS.items()
+        if key in values and (expected := type_problem(kind, values[key]))
+    ]
+    if wrong:
+        raise MAEError(f"{folder}/config.json: " + "; ".join(wrong) + ".", hint=_HF_CONFIG_HINT)
     notes = []
     act = values["hidden_act"]
     if act not in HF_ACTIVATIONS:
@@ -164,32 +223,36 @@ def hf_config(hf: dict[str, Any], folder: Path) -> tuple[MAEConfig, list[str]]:
             f"{folder}/config.json uses hidden_act={act!r}, which mae does not implement.",
             hint=f"supported: {', '.join(HF_ACTIVATIONS)} (mae activations: {', '.join(ACTIVATIONS)})",
         )
-    head_dim = values.get("head_dim")
-    if head_dim is not None and head_dim * values["num_attention_heads"] != values["hidden_size"]:
-        raise MAEError(f"{folder}/config.json sets head_dim={head_dim}, which differs from hidden_size / heads.")
     dropout = {k: values.get(k) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob") if values.get(k)}
     if dropout:
         notes.append(f"dropout in config.json ({dropout}) is not used by mae (inference and MAE pretraining use none)")
     width, decoder_width = values["hidden_size"], values["decoder_hidden_size"]
     mlp, decoder_mlp = values["intermediate_size"], values["decoder_intermediate_size"]
-    config = MAEConfig(
-        img_size=_square(values["image_size"], "image_size", folder),
-        patch_size=_square(values["patch_size"], "patch_size", folder),
-        in_chans=values["num_channels"],
-        embed_dim=width,
-        depth=values["num_hidden_layers"],
-        num_heads=values["num_attention_heads"],
-        decoder_embed_dim=decoder_width,
-        decoder_depth=values["decoder_num_hidden_layers"],
-        decoder_num_heads=values["decoder_num_attention_heads"],
-        encoder_mlp_dim=None if mlp == 4 * width else mlp,
-        decoder_mlp_dim=None if decoder_mlp == 4 * decoder_width else decoder_mlp,
-        layer_norm_eps=float(values["layer_norm_eps"]),
-        qkv_bias=bool(values["qkv_bias"]),
-        act=HF_ACTIVATIONS[act],
-        norm_pix_loss=bool(values["norm_pix_loss"]),
-        mask_ratio=float(values["mask_ratio"]),
-    )
+    fields: dict[str, Any] = {
+        "img_size": _square(values["image_size"], "image_size", folder),
+        "patch_size": _square(values["patch_size"], "patch_size", folder),
+        "in_chans": values["num_channels"],
+        "embed_dim": width,
+        "depth": values["num_hidden_layers"],
+        "num_heads": values["num_attention_heads"],
+        "decoder_embed_dim": decoder_width,
+        "decoder_depth": values["decoder_num_hidden_layers"],
+        "decoder_num_heads": values["decoder_num_attention_heads"],
+        "encoder_mlp_dim": None if mlp == 4 * width else mlp,
+        "decoder_mlp_dim": None if decoder_mlp == 4 * decoder_width else decoder_mlp,
+        "layer_norm_eps": float(values["layer_norm_eps"]),
+        "qkv_bias": values["qkv_bias"],
+        "act": HF_ACTIVATIONS[act],
+        "norm_pix_loss": values["norm_pix_loss"],
+        "mask_ratio": float(values["mask_ratio"]),
+    }
+    problems = config_problems(fields, name=HF_NAMES.__getitem__)
+    if problems:
+        raise MAEError(f"{folder}/config.json: " + "; ".join(problems) + ".", hint=_HF_CONFIG_HINT)
+    head_dim = values.get("head_dim")
+    if head_dim is not None and head_dim * values["num_attention_heads"] != values["hidden_size"]:
+        raise MAEError(f"{folder}/config.json sets head_dim={head_dim}, which differs from hidden_size / heads.")
+    config = MAEConfig(**fields)
     if config.layer_norm_eps != 1e-6:
         notes.append(f"LayerNorm eps {config.layer_norm_eps:g} from config.json (the original MAE uses 1e-6)")
     return config, notes

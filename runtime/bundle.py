@@ -32,6 +32,7 @@ from mae.config import MAEConfig
 from mae.errors import MAEError
 from mae.files import atomic_write_text
 from mae.runtime.integrity import verify_entry
+from mae.runtime.onnx_metadata import check_graph_metadata
 
 BUNDLE_FILE = "mae.json"
 FORMAT = "mae-bundle"
@@ -62,14 +63,47 @@ class Preprocessing:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+    def from_dict(cls, data: Any, source: str = "pre-processing settings", hint: str | None = None) -> Preprocessing:
+        """Pre-processing from a JSON object (mae.json's `preprocessing`, an ONNX graph's `mae.preprocessing`);
+        keys left out take their defaults, a wrong value is one MAEError naming `source` and the key."""
+        from mae.config import is_number, is_whole_number, shown
+        from mae.runtime.preprocess import RESIZE_MODES  # (preprocess imports this module)
+
+        interpolations = ("bicubic",)  # what mae.runtime.preprocess resizes with
+
+        def wrong(key: str, expected: str) -> MAEError:
+            return MAEError(f"{source}: preprocessing.{key} must be {expected}, got {shown(data[key])}.", hint=hint)
+
+        if not isinstance(data, dict):
+            raise MAEError(f"{source}: preprocessing must be a JSON object, got {shown(data)}.", hint=hint)
+        if "size" not in data:
+            raise MAEError(f"{source}: preprocessing.size (the model's input side, pixels) is missing.", hint=hint)
+        data = {"resize": "center", "crop_pct": 0.875, "interpolation": "bicubic", **data}
+        data.setdefault("mean", list(IMAGENET_MEAN))
+        data.setdefault("std", list(IMAGENET_STD))
+        if not is_whole_number(data["size"]) or data["size"] < 1:
+            raise wrong("size", "a positive whole number (pixels)")
+        if not isinstance(data["resize"], str) or data["resize"] not in RESIZE_MODES:
+            raise wrong("resize", " or ".join(map(repr, RESIZE_MODES)))
+        if not is_number(data["crop_pct"]) or not 0 < data["crop_pct"] <= 1:
+            raise wrong("crop_pct", "a number in (0, 1]")
+        if not isinstance(data["interpolation"], str) or data["interpolation"] not in interpolations:
+            raise wrong("interpolation", " or ".join(map(repr, interpolations)))
+        for key, positive in (("mean", False), ("std", True)):
+            values = data[key]
+            if not (
+                isinstance(values, (list, tuple))
+                and len(values) == 3
+                and all(is_number(v) and (v > 0 or not positive) for v in values)
+            ):
+                raise wrong(key, f"3 {'positive ' if positive else ''}numbers (one per RGB channel)")
         return cls(
             size=int(data["size"]),
-            resize=data.get("resize", "center"),
-            crop_pct=float(data.get("crop_pct", 0.875)),
-            interpolation=data.get("interpolation", "bicubic"),
-            mean=tuple(data.get("mean", IMAGENET_MEAN)),
-            std=tuple(data.get("std", IMAGENET_STD)),
+            resize=data["resize"],
+            crop_pct=float(data["crop_pct"]),
+            interpolation=data["interpolation"],
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
         )
 
 
@@ -114,6 +148,7 @@ class Bundle:
         if not graph_path.is_file():
             raise MAEError(f"{graph_path} is listed in {BUNDLE_FILE} but missing.", hint="re-run `mae export`")
         verify_entry(self.path, entry, fresh=fresh)  # what runs is what export verified
+        check_graph_metadata(self, part, precision, graph_path)  # and what its own metadata says it is
         return graph_path
 
     @property
@@ -142,16 +177,79 @@ class Bundle:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise MAEError(f"Cannot read {manifest_path}: {exc}", hint="re-run `mae export`") from exc
+        from mae.config import is_whole_number, shown
+
+        # Every value mae reads is checked here, so a hand-edited or foreign manifest fails as one line naming the
+        # key, never later as a Python error or as every image failing (a 2-value mean broke each decode).
+        bundle_dir = manifest_path.parent
+        source = f"{manifest_path.name} in {bundle_dir}"
+        hint = f"re-export the bundle (mae export WEIGHTS --out {bundle_dir}) or restore the original {BUNDLE_FILE}"
+
+        def wrong(key: str, value: Any, expected: str) -> MAEError:
+            return MAEError(f"{source}: {key} must be {expected}, got {shown(value)}.", hint=hint)
+
+        if not isinstance(manifest, dict):
+            raise wrong("the manifest", manifest, "a JSON object")
         if manifest.get("format") != FORMAT:
             raise MAEError(f"{manifest_path} is not an mae bundle manifest (format={manifest.get('format')!r}).")
-        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        version = manifest.get("format_version")
+        if not is_whole_number(version) or version < 1:
+            raise wrong("format_version", version, f"a whole number (this mae writes {FORMAT_VERSION})")
+        if version > FORMAT_VERSION:
             raise MAEError(
-                f"{manifest_path} has format_version {manifest['format_version']}, newer than this mae reads.",
+                f"{manifest_path} has format_version {version}, newer than this mae reads.",
                 hint="upgrade mae-toolkit",
             )
-        config = MAEConfig.from_dict(manifest["config"])
-        pre = Preprocessing.from_dict(manifest.get("preprocessing") or {"size": config.img_size})
-        return cls(path=manifest_path.parent, config=config, preprocessing=pre, manifest=manifest)
+        if "config" not in manifest:
+            raise MAEError(f"{source} has no config (the model's architecture).", hint=hint)
+        config = MAEConfig.from_dict(manifest["config"], source=source, key="config", hint=hint)
+        if manifest.get("preprocessing") is None:
+            pre = Preprocessing(size=config.img_size)
+        else:
+            pre = Preprocessing.from_dict(manifest["preprocessing"], source=source, hint=hint)
+        if pre.size != config.img_size:
+            raise MAEError(
+                f"{source}: preprocessing.size {pre.size} differs from config.img_size {config.img_size} "
+                "(the graphs take config.img_size pixels).",
+                hint=hint,
+            )
+        for key in ("norm_pix_loss", "norm_pix_loss_known"):
+            if key in manifest and not isinstance(manifest[key], bool):
+                raise wrong(key, manifest[key], "true or false")
+        if "opset" in manifest and not is_whole_number(manifest["opset"]):
+            raise wrong("opset", manifest["opset"], "a whole number")
+        recorded_source = manifest.get("source") or {}
+        if not isinstance(recorded_source, dict):
+            raise wrong("source", manifest["source"], "a JSON object")
+        for key in ("path", "sha256"):
+            if recorded_source.get(key) is not None and not isinstance(recorded_source[key], str):
+                raise wrong(f"source.{key}", recorded_source[key], "a string")
+        for section in ("graphs", "engines"):
+            if section not in manifest:
+                continue
+            if not isinstance(manifest[section], dict):
+                raise wrong(section, manifest[section], "a JSON object ({precision: {part: entry}})")
+            for precision, parts in manifest[section].items():
+                if not isinstance(parts, dict):
+                    raise wrong(f"{section}.{precision}", parts, "a JSON object ({part: entry})")
+                for part, entry in parts.items():
+                    key = f"{section}.{precision}.{part}"
+                    if not isinstance(entry, dict):
+                        raise wrong(key, entry, "a JSON object with file and sha256")
+                    files = [(key, entry)]
+                    if entry.get("external_data") is not None:
+                        files.append((f"{key}.external_data", entry["external_data"]))
+                    for where, item in files:
+                        if not isinstance(item, dict):
+                            raise wrong(where, item, "a JSON object with file and sha256")
+                        if not isinstance(item.get("file"), str) or not item["file"]:
+                            raise wrong(f"{where}.file", item.get("file"), "a file name")
+                        digest = item.get("sha256")
+                        if section == "graphs" and not (
+                            isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")
+                        ):
+                            raise wrong(f"{where}.sha256", digest, "64 hexadecimal digits (the file's sha256)")
+        return cls(path=bundle_dir, config=config, preprocessing=pre, manifest=manifest)
 
     def save(self) -> None:
         self.manifest.setdefault("format", FORMAT)
