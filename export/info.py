@@ -12,6 +12,7 @@ from typing import Any
 
 from mae.errors import MAEError
 from mae.runtime.bundle import PRECISIONS, Bundle
+from mae.runtime.integrity import verify_entry
 
 
 def _size(num_bytes: int | None) -> str:
@@ -41,6 +42,15 @@ def graph_metadata_of(path: Path) -> dict[str, Any]:
     return read_metadata(proto)
 
 
+def _intact(bundle: Bundle, entry: dict[str, Any]) -> bool:
+    """Whether the files of a graph entry are those mae.json records (`mae.runtime.integrity`)."""
+    try:
+        verify_entry(bundle.path, entry)
+    except MAEError:
+        return False
+    return True
+
+
 def bundle_summary(path: str | os.PathLike) -> dict[str, Any]:
     """What `mae info BUNDLE` prints, as plain data."""
     bundle = Bundle.load(path)
@@ -60,6 +70,7 @@ def bundle_summary(path: str | os.PathLike) -> dict[str, Any]:
                     "part": part,
                     "file": entry["file"],
                     "exists": file_path.is_file(),
+                    "intact": _intact(bundle, entry),
                     "bytes": on_disk,
                     "sha256": entry.get("sha256"),
                     "metadata": graph_metadata_of(file_path) if file_path.is_file() else {},
@@ -75,6 +86,7 @@ def bundle_summary(path: str | os.PathLike) -> dict[str, Any]:
                     "part": f"{part} (OpenVINO)",
                     "file": entry["file"],
                     "exists": file_path.is_file(),
+                    "intact": _intact(bundle, entry),
                     "bytes": entry.get("bytes"),
                     "sha256": entry.get("sha256"),
                     "metadata": {},
@@ -164,6 +176,8 @@ def _graph_table(summary: dict[str, Any], title: str):  # noqa: ANN202 - rich Ta
             else:
                 cosine = f"pred {_number(report.get('cosine_pred'), '.6f')}"
         file_text = graph["file"] if graph["exists"] else f"{graph['file']} (missing)"
+        if graph["exists"] and not graph["intact"]:
+            file_text += " (changed)"
         table.add_row(f"{graph['precision']} {graph['part']}", file_text, _size(graph["bytes"]), diff, cosine)
     return table
 
@@ -214,6 +228,13 @@ def describe_bundle(path: str | os.PathLike, console: Any = None) -> dict[str, A
     )
     console.print(overview)
     console.print(_graph_table(summary, "Graphs (checked against PyTorch fp32)"))
+    for graph in summary["graphs"]:
+        if graph["exists"] and not graph["intact"]:
+            console.print(
+                f"{graph['file']} CHANGED since export: it is not the file whose sha256 mae.json records, and every "
+                "engine refuses it. Restore it, or export the bundle again.",
+                style="bold red",
+            )
     tolerances = _tolerance_lines(summary)
     if tolerances:
         console.print("tolerances: " + "; ".join(tolerances))

@@ -52,6 +52,47 @@ def _refused_global(exc: Exception) -> str | None:
     return match.group(1) if match else None
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 is a zip archive
+PICKLE_MAGIC = b"\x80"  # the older format starts with a pickle protocol opcode
+
+
+def _unreadable(path: Path, exc: BaseException) -> MAEError:
+    """Why `path` is no PyTorch file torch can read: empty, truncated, damaged or something else."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        complete_zip = zipfile.is_zipfile(path)
+    except OSError as os_error:
+        from mae.files import fault
+
+        return fault(os_error, path, "read")
+    again = "copy, download or save it again"
+    if size == 0:
+        return MAEError(
+            f"Cannot read {path}: the file is empty (0 bytes).", hint=f"a failed write or copy leaves one; {again}"
+        )
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if (head == ZIP_MAGIC and not complete_zip) or isinstance(exc, EOFError) or "unexpected EOF" in detail:
+        return MAEError(
+            f"Cannot read {path}: the file is truncated (it ends after {size} bytes, before the end of its data).",
+            hint=f"it was cut short while being written, copied or downloaded; {again}",
+        )
+    if head == ZIP_MAGIC:
+        return MAEError(
+            f"Cannot read {path}: it is a zip archive but not a PyTorch (torch.save) one ({detail}).",
+            hint="pass a checkpoint, an official MAE .pth, a HF ViTMAE folder or a bundle",
+        )
+    if not head.startswith(PICKLE_MAGIC):
+        return MAEError(
+            f"Cannot read {path}: it is not a PyTorch (torch.save) file.",
+            hint="pass a checkpoint, an official MAE .pth, a HF ViTMAE folder or a bundle",
+        )
+    return MAEError(f"Cannot read {path} as a PyTorch file: it is damaged ({detail}).", hint=f"is it complete? {again}")
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """torch.load(weights_only=True); a file that needs arbitrary unpickling is refused and nothing in it runs."""
     path = Path(path)
@@ -74,10 +115,14 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             hint="only load files you trust; re-save the weights as plain tensors (torch.save(model.state_dict()))"
             " or as safetensors",
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as exc:
-        raise MAEError(
-            f"Cannot read {path} as a PyTorch file: {exc}", hint="is the file complete and a torch.save file?"
-        ) from exc
+    except PermissionError as exc:
+        from mae.files import fault
+
+        raise fault(exc, path, "read") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - garbage makes the unpickler raise anything (EOFError, KeyError, ...)
+        raise _unreadable(path, exc) from exc
 
 
 def is_mae_checkpoint(payload: Any) -> bool:

@@ -223,7 +223,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], ac
     path = Path(path)
     make_dirs(path.parent)
     prefix, suffix = temporary_name(path.name)
-    with faults(path, action):
+    try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
         try:
             os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the result should look like any new file
@@ -235,6 +235,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], ac
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+    except FileSystemFault:
+        raise
+    except OSError as exc:  # named after the file being written, never its temporary
+        raise fault(exc, path, action) from exc
     fsync_dir(path.parent)
 
 

@@ -17,6 +17,12 @@ Run directory (written by rank 0 only):
     previews/epoch_{epoch:04d}.png  reconstructions of held-out images after each epoch
     loss_curve.png              loss and learning rate against the optimizer step
     run.json                    the options and the resolved configuration of the run
+    .lock                       held (flock) while a training writes the folder; a second one is refused
+
+Every write goes through `mae.files`: atomic (temporary + fsync + rename), and an OS fault (no space, read-only,
+permission, a file where the folder should be) stops the run with a message that names the path, the cause, the
+remedy and the checkpoint that is intact. Temporaries a killed run left are removed when the folder is next used
+(only those of dead processes).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import json
 import math
 import os
 import random
-import shutil
+import re
 import signal
 import threading
 import time
@@ -54,7 +60,16 @@ from mae.data import (
 )
 from mae.distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
 from mae.errors import MAEError
-from mae.files import atomic_write_bytes, atomic_write_text
+from mae.files import (
+    FileSystemFault,
+    FolderLock,
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_text,
+    faults,
+    make_dirs,
+    remove_leftovers,
+)
 from mae.model import MaskedAutoencoder, count_parameters
 from mae.runtime import hardware
 from mae.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD
@@ -67,6 +82,7 @@ LOG = "log.jsonl"
 LOSS_CURVE = "loss_curve.png"
 PREVIEWS = "previews"
 RUN_FILE = "run.json"
+LOCK = ".lock"
 PREVIEW_SEED = 0  # masking noise of the previews: the same patches hidden every epoch
 # Options that decide what a run computes: resuming with different values would not continue the same run.
 RUN_DEFINING = (
@@ -80,6 +96,10 @@ RUN_DEFINING = (
     "seed",
     "repeat",
 )
+MAX_SEED = 2**53  # seed * 1000 + rank still fits the int64 seeds of torch generators
+# Temporaries of the run folder's files (mae.files names them .NAME.OWNER.RANDOM.tmp): NAME of each.
+_RUN_TEMPORARY = re.compile(r"^\.(checkpoint(?:-\d+)?\.pt|log\.jsonl|run\.json|loss_curve\.png)\.")
+_PREVIEW_TEMPORARY = re.compile(r"^\.(epoch_\d+\.png)\.")
 
 
 @dataclass
@@ -172,29 +192,68 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _check_options(opts: TrainOptions, device: torch.device) -> None:
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def _option_problems(opts: TrainOptions) -> list[str]:
+    """What is wrong with the hyper-parameters (each named as its command-line option, with the value given)."""
     problems = []
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def check(name: str, ok: bool, wanted: str) -> None:
+        if not ok:
+            problems.append(f"{flag(name)} must be {wanted}, got {getattr(opts, name)!r}")
+
     if opts.precision not in PRECISIONS:
         problems.append(f"--precision {opts.precision!r} must be one of {', '.join(PRECISIONS)}")
-    for name in ("epochs", "batch_size", "accum_iter", "repeat", "save_every", "log_every"):
-        if getattr(opts, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    if opts.warmup_epochs < 0:
-        problems.append("--warmup-epochs must not be negative")
-    if opts.workers < 0:
-        problems.append("--workers must not be negative")
-    if opts.blr <= 0 or (opts.lr is not None and opts.lr <= 0):
-        problems.append("the learning rate (--blr / --lr) must be positive")
-    if opts.min_lr < 0 or opts.weight_decay < 0:
-        problems.append("--min-lr and --weight-decay must not be negative")
-    if not 0.0 <= opts.mask_ratio < 1.0:
-        problems.append(f"--mask-ratio {opts.mask_ratio} must be in [0, 1)")
-    if opts.max_minutes is not None and opts.max_minutes <= 0:
-        problems.append("--max-minutes must be positive")
-    if opts.max_steps is not None and opts.max_steps < 1:
-        problems.append("--max-steps must be at least 1")
+    for name, least in (
+        ("epochs", 1),
+        ("batch_size", 1),
+        ("accum_iter", 1),
+        ("repeat", 1),
+        ("save_every", 1),
+        ("log_every", 1),
+        ("warmup_epochs", 0),
+        ("workers", 0),
+        ("preview_images", 0),
+    ):
+        value = getattr(opts, name)
+        check(name, _is_whole(value) and value >= least, f"a whole number, at least {least}")
+    check("seed", _is_whole(opts.seed) and 0 <= opts.seed <= MAX_SEED, f"a whole number from 0 to {MAX_SEED}")
+    if opts.max_steps is not None:
+        check("max_steps", _is_whole(opts.max_steps) and opts.max_steps >= 1, "a whole number, at least 1")
+
+    def finite(value: Any) -> bool:
+        return _is_number(value) and math.isfinite(value)
+
+    check("blr", finite(opts.blr) and opts.blr > 0, "a finite number above 0")
+    if opts.lr is not None:
+        check("lr", finite(opts.lr) and opts.lr > 0, "a finite number above 0")
+    check("min_lr", finite(opts.min_lr) and opts.min_lr >= 0, "a finite number, 0 or more")
+    check("weight_decay", finite(opts.weight_decay) and opts.weight_decay >= 0, "a finite number, 0 or more")
+    check("mask_ratio", finite(opts.mask_ratio) and 0.0 <= opts.mask_ratio < 1.0, "a number in [0, 1)")
+    # inf is allowed for the two durations: it means never
+    check(
+        "checkpoint_minutes",
+        _is_number(opts.checkpoint_minutes) and opts.checkpoint_minutes >= 0,  # NaN compares False
+        "a number of minutes, 0 or more (0: after every optimizer step)",
+    )
+    if opts.max_minutes is not None:
+        check("max_minutes", _is_number(opts.max_minutes) and opts.max_minutes > 0, "a number of minutes above 0")
+    return problems
+
+
+def _check_options(opts: TrainOptions, device: torch.device) -> None:
+    problems = _option_problems(opts)
     if problems:
-        raise MAEError("Invalid training options: " + "; ".join(problems))
+        raise MAEError("Invalid training options: " + "; ".join(problems) + ".", hint="`mae train --help` lists them")
     if opts.precision == "fp16" and device.type != "cuda":
         raise MAEError(
             "fp16 training needs a CUDA GPU (fp16 autocast with a gradient scaler); this run is on the "
@@ -263,7 +322,8 @@ class _StopRequests:
 
 
 def _json_line(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
+    """Append one record. A line cut short (full disk, kill) is dropped when the run resumes (`_read_log`)."""
+    with faults(path, "append to"), open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
 
@@ -271,10 +331,12 @@ def _json_line(path: Path, record: dict[str, Any]) -> None:
 def _read_log(path: Path, upto_step: int | None = None) -> list[dict[str, Any]]:
     """log.jsonl records; with upto_step, records written after that step are dropped (and the file rewritten):
     the resumed run writes them again."""
-    if not path.is_file():
-        return []
+    with faults(path, "read"):
+        if not path.is_file():
+            return []
+        text = path.read_text(encoding="utf-8", errors="replace")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a kill
@@ -285,10 +347,41 @@ def _read_log(path: Path, upto_step: int | None = None) -> list[dict[str, Any]]:
     return records
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+def _remove_leftovers(out: Path) -> int:
+    """Remove the temporaries of run-folder files that dead processes left (a SIGKILLed run); -> how many."""
+
+    def names(folder: Path, pattern: re.Pattern) -> set[str]:
+        try:
+            return {m.group(1) for entry in os.listdir(folder) if (m := pattern.match(entry))}
+        except OSError:
+            return set()
+
+    removed = 0
+    for folder, pattern in ((out, _RUN_TEMPORARY), (out / PREVIEWS, _PREVIEW_TEMPORARY)):
+        found = names(folder, pattern)
+        removed += remove_leftovers(folder, found) if found else 0
+    return removed
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def unreadable_data_message(train_files: int, tried: int) -> str:
+    """Why a run stops when no training image could be read: `tried` of the `train_files` files were reached (an
+    epoch drops its incomplete last batch, so a few may not be) and every one of them was unreadable."""
+    if tried >= train_files:
+        if train_files == 1:
+            return "The only training file could not be read as an image."
+        return f"None of the {train_files} training files could be read as an image."
+    rest = train_files - tried
+    head = (
+        "The one training file tried could not be read as an image"
+        if tried == 1
+        else f"None of the {tried} training files tried could be read as an image"
+    )
+    others = "the other one was" if rest == 1 else f"the other {rest} were"
+    return f"{head} (of {train_files}; {others} not reached: an epoch drops its incomplete last batch)."
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -301,6 +394,10 @@ class _Trainer:
         self.checkpoint_path = self.out / CHECKPOINT
         self.log_path = self.out / LOG
         self.is_main = dist_info.is_main
+        self.lock: FolderLock | None = None  # held by rank 0 from setup until the run ends (`close`)
+        self.last_saved: dict[str, Any] | None = None  # the position in checkpoint.pt as last written, if any
+        self.pending_epoch_outputs = False  # resumed at an epoch end whose outputs were not all written
+        self.training = False  # True once `train` has begun (setup is over)
         from rich.console import Console
 
         self.console = Console(stderr=True, quiet=not self.is_main)
@@ -309,6 +406,10 @@ class _Trainer:
     def setup(self) -> None:
         opts = self.opts
         _check_options(opts, self.device)
+        with faults(self.out, "read"):
+            out_exists = self.out.exists() or self.out.is_symlink()
+        if out_exists and self.is_main:
+            self._claim_folder()  # before anything else: a folder a live training writes is in use, whatever it holds
         if opts.resume and not self.checkpoint_path.is_file():
             raise MAEError(
                 f"--resume: there is no {CHECKPOINT} in {self.out} to continue.",
@@ -349,6 +450,13 @@ class _Trainer:
                 f" ({self.dist.world_size} process(es)); incomplete batches are dropped.",
                 hint="lower --batch-size or add images",
             )
+        if opts.accum_iter > self.steps_per_epoch:
+            raise MAEError(
+                f"--accum-iter {opts.accum_iter} is more than the {self.steps_per_epoch} batches of an epoch"
+                f" ({len(self.train_paths)} training images x --repeat {opts.repeat}, batches of {opts.batch_size}"
+                f" per process): no optimizer step would ever be taken.",
+                hint="lower --accum-iter or --batch-size, or add images (or --repeat)",
+            )
         self.dataset = PretrainDataset(
             self.train_paths, self.config.img_size, self.config.num_patches, opts.seed, repeat=opts.repeat
         )
@@ -376,10 +484,37 @@ class _Trainer:
         if resume_payload is not None:
             self._restore(resume_payload)
         elif self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.log_path.unlink(missing_ok=True)  # a log without a checkpoint belongs to no resumable run
+            if self.lock is None:  # a new folder: made only now that the data and the options are known good
+                self._claim_folder()
+                if self.checkpoint_path.exists():  # another run got here first
+                    raise MAEError(
+                        f"{self.out} already holds a run ({CHECKPOINT}); it would be overwritten.",
+                        hint="pass --resume to continue it, or choose another --out",
+                    )
+            with faults(self.log_path, "remove"):
+                self.log_path.unlink(missing_ok=True)  # a log without a checkpoint belongs to no resumable run
             self._write_run_file()
         barrier(self.dist)  # rank 0 has prepared the folder before anyone goes on
+
+    def _claim_folder(self) -> None:
+        """Make the run folder, lock it for this process, remove the temporaries killed runs left in it."""
+        make_dirs(self.out)
+        self.lock = FolderLock(
+            self.out / LOCK,
+            f"The run folder {self.out}",
+            hint="wait until that training ends (or stop it), or choose another --out",
+        ).acquire()
+        removed = _remove_leftovers(self.out)
+        if removed:
+            self.console.print(
+                f"[yellow]note:[/] removed {_plural(removed, 'unfinished temporary file')} that a killed run left in "
+                f"{self.out} (nothing in them was ever used)"
+            )
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _resolve_model(self, payload: dict[str, Any] | None):
         """(config, preset name or None, state dict to load or None, notes)."""
@@ -483,9 +618,17 @@ class _Trainer:
                 f"[yellow]note:[/] the data folder now has {self.num_images} images, the run started with "
                 f"{data['num_images']}: the resumed run does not see the data an uninterrupted one would"
             )
+        self.last_saved = dict(position)
         if self.is_main:
             records = _read_log(self.log_path, upto_step=self.step)
             self.history = [r for r in records if r.get("event") == "step" and r.get("loss") is not None]
+            # An epoch end's outputs are written after its checkpoint, the "epoch" line last: without that line
+            # (a full disk, a kill) they are not all there, and this run writes them again before going on.
+            self.pending_epoch_outputs = (
+                self.batch == 0
+                and self.epoch > 0
+                and not any(r.get("event") == "epoch" and r.get("epoch") == self.epoch for r in records)
+            )
 
     def _write_run_file(self) -> None:
         record = {
@@ -509,7 +652,9 @@ class _Trainer:
     def _save(self) -> None:
         """checkpoint.pt for the current position. Collective (RNG states are gathered); rank 0 writes."""
         rng_states = gather_objects(_rng_state(), self.dist)
+        position = {"epoch": self.epoch, "batch": self.batch, "step": self.step, "images_seen": self.images_seen}
         if not self.is_main:
+            self.last_saved = position
             return
         opts = self.opts
         save_checkpoint(
@@ -517,7 +662,7 @@ class _Trainer:
             self.model.state_dict(),
             self.config,
             epoch=self.epoch,  # epochs completed (a mid-epoch checkpoint has `batch` > 0 as well)
-            position={"epoch": self.epoch, "batch": self.batch, "step": self.step, "images_seen": self.images_seen},
+            position=position,
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(),
             rng=rng_states,
@@ -540,6 +685,33 @@ class _Trainer:
             last_epoch_loss=self.last_epoch_loss,
             skipped_files=[{"path": p, "reason": r} for p, r in sorted(self.skipped.items())],
         )
+        self.last_saved = position
+
+    def _saved_text(self, path: bool = True) -> str | None:
+        """What the last checkpoint written holds, as "RUN/checkpoint.pt (epoch 1.500, optimizer step 9)"; None if
+        none was written."""
+        if self.last_saved is None:
+            return None
+        saved = self.last_saved
+        epoch = saved["epoch"] + saved["batch"] / self.steps_per_epoch
+        return f"{self.checkpoint_path if path else CHECKPOINT} (epoch {epoch:.3f}, optimizer step {saved['step']})"
+
+    def with_run_state(self, exc: FileSystemFault) -> FileSystemFault:
+        """The fault, plus what of the run is safe: the last checkpoint written (intact: writes are atomic)."""
+        saved = self._saved_text()
+        if saved is None and not self.training:
+            return exc  # set up before a checkpoint was read: nothing to add
+        if saved is None:
+            return FileSystemFault(
+                f"{exc.message} No checkpoint was written yet.", hint=exc.hint, path=exc.path, errno_=exc.errno
+            )
+        name = Path(exc.path).name
+        if name == CHECKPOINT or name.startswith(f".{CHECKPOINT}."):  # the file itself or its temporary
+            state = f"The previous {self._saved_text(path=False)} is intact: --resume continues from it."
+        else:
+            state = f"The last checkpoint, {saved}, is intact: --resume continues from it."
+        hint = f"{exc.hint}, with --resume" if exc.hint and "run" in exc.hint else exc.hint
+        return FileSystemFault(f"{exc.message} {state}", hint=hint, path=exc.path, errno_=exc.errno)
 
     # ------------------------------------------------------------------------------------------ training
     def _forward_backward(self, batch: Batch, sync: bool) -> tuple[float | None, int]:
@@ -571,18 +743,26 @@ class _Trainer:
         return mean_loss, int(images_sum)
 
     def _diverged(self, value: float) -> None:
-        last = (
-            f"the last good checkpoint ({self.checkpoint_path}, epoch {self.epoch}) is kept"
-            if self.checkpoint_path.is_file()
-            else "no checkpoint was written yet"
-        )
+        saved = self._saved_text()
         if self.is_main:
-            _json_line(self.log_path, {"event": "stopped", "reason": "non_finite_loss", "step": self.step})
+            with contextlib.suppress(FileSystemFault):  # the loss is the news; a full disk would be next
+                _json_line(self.log_path, {"event": "stopped", "reason": "non_finite_loss", "step": self.step})
+        new_run = "a lower --blr / --lr or a longer --warmup-epochs"
+        if saved is None:
+            last = "no checkpoint was written"
+            fp32 = ", or --precision fp32" if self.opts.precision != "fp32" else ""
+            hint = f"start again with {new_run}{fp32} (there is no checkpoint to --resume)"
+        else:
+            last = f"the last good checkpoint, {saved}, is kept"
+            hint = f"start a new run (another --out) with {new_run}"
+            if self.opts.precision != "fp32":
+                hint += "; or continue this one in fp32: --resume --precision fp32"
+            else:
+                hint += " (--resume with the same options would likely meet the same loss)"
         raise MAEError(
             f"The loss became {value} at epoch {self._epoch_float():.3f} (optimizer step {self.step + 1}); "
             f"training stopped and {last}.",
-            hint="lower --blr / --lr, use a longer --warmup-epochs, or --precision fp32; --resume continues from "
-            "the checkpoint",
+            hint=hint,
         )
 
     def _stop_reason(self, started: float, signals: _StopRequests) -> str | None:
@@ -601,15 +781,21 @@ class _Trainer:
         yield from enumerate(self.loader, start=self.batch)
 
     def train(self) -> TrainResult:
+        self.training = True
         opts = self.opts
         started = time.monotonic()
         session_images = 0
         stopped = "completed"
         previews: list[Path] = []
         epoch_checkpoints: list[Path] = []
+        if self.pending_epoch_outputs:
+            path, preview = self._epoch_outputs(self.last_epoch_loss, set(self.skipped))
+            epoch_checkpoints += [path] if path else []
+            previews += [preview] if preview else []
         if self.epoch >= opts.epochs:
             self.console.print(f"The run in {self.out} has already done its {opts.epochs} epochs.")
-            return self._result("already_complete", session_images, time.monotonic() - started, [], [])
+            seconds = time.monotonic() - started
+            return self._result("already_complete", session_images, seconds, epoch_checkpoints, previews)
         self._announce()
         if self.opts.resume and self.is_main:
             _json_line(self.log_path, {"event": "resumed", "step": self.step, "epoch": self._epoch_float()})
@@ -726,17 +912,18 @@ class _Trainer:
             self.history.append(record)
 
     def _end_epoch(self) -> tuple[Path | None, Path | None]:
-        """Gather skipped files, checkpoint, epoch checkpoint, preview, loss curve, log line."""
-        opts = self.opts
+        """Gather skipped files, checkpoint, then the epoch's outputs."""
         before = set(self.skipped)
         for rank_skipped in gather_objects(dict(self.skipped), self.dist):
             for path, reason in rank_skipped.items():
                 self.skipped.setdefault(path, reason)
         if self.images_seen == 0:
+            # every file reached so far was unreadable, and each is in `skipped` (all ranks')
+            first, reason = sorted(self.skipped.items())[0] if self.skipped else ("", "")
+            example = f" ({Path(first).name}: {reason.replace('_', ' ')})" if first else ""
             raise MAEError(
-                f"None of the {len(self.train_paths)} training files could be read as an image "
-                f"({len(self.skipped)} skipped).",
-                hint="check the --data folder; `mae info`-style checks: open a few files with an image viewer",
+                unreadable_data_message(len(self.train_paths), len(self.skipped)),
+                hint=f"check the --data folder: open a few of its files with an image viewer{example}",
             )
         self.last_epoch_loss = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else None
         self.epoch += 1
@@ -744,13 +931,19 @@ class _Trainer:
         epoch_loss = self.last_epoch_loss
         self.epoch_losses = []
         self._save()
+        return self._epoch_outputs(epoch_loss, before)
+
+    def _epoch_outputs(self, epoch_loss: float | None, before: set[str]) -> tuple[Path | None, Path | None]:
+        """After an epoch's checkpoint (rank 0): the epoch checkpoint, preview, loss curve and, last, the "epoch"
+        log line, which says they are all written (a resumed run writes them again when it is missing)."""
+        opts = self.opts
         epoch_path = preview = None
         if self.is_main:
             for path in sorted(set(self.skipped) - before):  # files only other ranks met
                 self._log_skipped(path)
             if self.epoch % opts.save_every == 0 or self.epoch == opts.epochs:
                 epoch_path = self.out / f"checkpoint-{self.epoch}.pt"
-                _copy_atomic(self.checkpoint_path, epoch_path)
+                atomic_copy(self.checkpoint_path, epoch_path)
             preview = self._write_preview()
             self._draw_loss_curve()
             _json_line(
@@ -903,7 +1096,12 @@ def run_training(opts: TrainOptions) -> TrainResult:
     dist_info = init_distributed(opts.device)
     try:
         trainer = _Trainer(opts, dist_info)
-        trainer.setup()
-        return trainer.train()
+        try:
+            trainer.setup()
+            return trainer.train()
+        except FileSystemFault as exc:
+            raise trainer.with_run_state(exc) from exc
+        finally:
+            trainer.close()
     finally:
         cleanup(dist_info)

@@ -179,17 +179,35 @@ def _create_engines(resolved: _Model, engine: str, precision: str, options: dict
 # ----------------------------------------------------------------------------------------------- inputs
 def load_noise(noise: str | os.PathLike | np.ndarray, count: int, length: int) -> np.ndarray:
     """[N, L] float32 noise from an array or a .npy file, checked against N images and L patches."""
+    npy_magic = b"\x93NUMPY"  # every .npy file starts with it (numpy.lib.format)
+    array = f"float array of shape [{count}, {length}] (one row per image, one value per patch)"
+    wanted = f"a .npy {array}"
+    hint = "save it with numpy.save(path, noise), noise a float array [N, L]"
     if isinstance(noise, str | os.PathLike):
         path = Path(noise)
         try:
+            with open(path, "rb") as handle:
+                head = handle.read(len(npy_magic))
+            if head != npy_magic:  # np.load would take it for a pickle and talk of allow_pickle
+                what = "empty" if not head else "not a .npy file (no NumPy header)"
+                raise MAEError(f"Noise file {path} is {what}: it must be {wanted}.", hint=hint)
             noise = np.load(path, allow_pickle=False)
         except FileNotFoundError as exc:
             raise MAEError(f"Noise file {path} does not exist.") from exc
-        except (OSError, ValueError) as exc:
-            raise MAEError(f"Cannot read {path} as a .npy array: {exc}", hint="save it with numpy.save") from exc
+        except IsADirectoryError as exc:
+            raise MAEError(f"Noise file {path} is a folder: it must be {wanted}.", hint=hint) from exc
+        except MAEError:
+            raise
+        except (OSError, ValueError, EOFError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "allow_pickle" in reason or "pickled" in reason:
+                reason = "it holds Python objects"
+            elif "EOF" in reason or "cannot reshape" in reason or "Failed to read all data" in reason:
+                reason = f"it is truncated ({reason})"
+            raise MAEError(f"Noise file {path} is not {wanted}: {reason}.", hint=hint) from exc
     noise = np.asarray(noise)
-    if not np.issubdtype(noise.dtype, np.number):
-        raise MAEError(f"noise must be numbers, got dtype {noise.dtype}")
+    if noise.dtype == object or not (np.issubdtype(noise.dtype, np.floating) or np.issubdtype(noise.dtype, np.integer)):
+        raise MAEError(f"noise must be a {array}, got dtype {noise.dtype}", hint=hint)
     if noise.shape != (count, length):
         raise MAEError(
             f"noise has shape {list(noise.shape)}, expected [{count}, {length}]: one row per image, one value per "

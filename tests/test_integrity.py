@@ -117,6 +117,9 @@ def test_a_graph_copied_in_from_another_model_is_refused(tmp_path, models, image
                            "--out", tmp_path / "r.png")  # fmt: skip
     assert code == 2 and "not the file that was exported" in one_error(output)
 
+    code, output = run_cli(monkeypatch, capsys, "info", bundle)  # describes it, and says the graph changed
+    assert code == 0 and "CHANGED since export" in output
+
     (bundle / "encoder.onnx").write_bytes(original)  # restored: runs again
     code, output = run_cli(monkeypatch, capsys, *embed_args(images, bundle, tmp_path / "out"))
     assert code == 0, output
