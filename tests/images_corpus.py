@@ -199,3 +199,31 @@ def decode_or_crash(task):  # noqa: ANN001, ANN201 - DecodeTask -> DecodedChunk
     if any("crash" in Path(path).name for path in task.paths):
         os._exit(3)
     return decode_chunk(task)
+
+
+def tiny_hf_config(**changes):  # noqa: ANN201 - transformers.ViTMAEConfig
+    """A Hugging Face ViTMAEConfig the size of mae_vit_test_patch8 (32 px, 8 px patches, D = 32)."""
+    import transformers
+
+    values = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 8,
+        "decoder_hidden_size": 16,
+        "decoder_num_hidden_layers": 1,
+        "decoder_num_attention_heads": 2,
+        "decoder_intermediate_size": 64,
+    }
+    return transformers.ViTMAEConfig(**{**values, **changes})
+
+
+def assert_same_output(out: Path, reference: Path, folders=("embeddings", "metadata", "failures", "done")) -> None:
+    """Two `mae embed` output folders hold the same files, byte for byte (and no leftover ones)."""
+    for folder in folders:
+        names = sorted(p.name for p in (reference / folder).iterdir())
+        assert sorted(p.name for p in (out / folder).iterdir()) == names, f"{folder}: different (or leftover) files"
+        for name in names:
+            assert (out / folder / name).read_bytes() == (reference / folder / name).read_bytes(), f"{folder}/{name}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from images_corpus import assert_same_output as same_files
 from images_corpus import tiny_model_files
 from PIL import Image
 
@@ -72,11 +73,7 @@ def session_processes(session: int) -> list[int]:
 
 
 def assert_same_output(out: Path, reference: Path) -> None:
-    for folder in DATA_FOLDERS:
-        names = sorted(p.name for p in (reference / folder).iterdir())
-        assert sorted(p.name for p in (out / folder).iterdir()) == names, f"{folder}: different (or leftover) files"
-        for name in names:
-            assert (out / folder / name).read_bytes() == (reference / folder / name).read_bytes(), f"{folder}/{name}"
+    same_files(out, reference, DATA_FOLDERS)
     assert json.loads((out / "run.json").read_text()) == json.loads((reference / "run.json").read_text())
 
 

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from cli_runner import run_cli
+from images_corpus import tiny_hf_config
 
 from mae.checkpoint import save_checkpoint
 from mae.config import MAEConfig
@@ -332,18 +333,7 @@ def test_official_layout_round_trip(tmp_path: Path, tiny_model: MaskedAutoencode
 def test_huggingface_round_trip_matches_transformers(tmp_path: Path, real_photos) -> None:
     """A HF ViTMAE folder exports, and the ONNX encoder equals transformers' own ViTMAEModel with the same noise."""
     transformers = pytest.importorskip("transformers")
-    hf_config = transformers.ViTMAEConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=64,
-    )
+    hf_config = tiny_hf_config()
     torch.manual_seed(0)
     hf_model = transformers.ViTMAEForPreTraining(hf_config).eval()
     folder = tmp_path / "vit-mae-tiny"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from cli_runner import run_cli
 from fs_faults import fill, run_mae, tmpfs, without_permission_override
+from images_corpus import assert_same_output
 from PIL import Image
 
 from mae.errors import MAEError
@@ -24,7 +25,6 @@ from mae.files import FolderLock, cached_sha256, fault, owner_tag, sha256_file
 from mae.runtime.embed import embed
 
 BATCH, SHARD_SIZE = 4, 4
-DATA_FOLDERS = ("embeddings", "metadata", "failures", "done")
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -82,14 +82,6 @@ def embed_args(images: Path, bundle: Path, out: Path, *extra: object) -> list[ob
         "embed", images, "--model", bundle, "--out", out, "--engine", "onnx", "--batch-size", BATCH,
         "--shard-size", SHARD_SIZE, "--workers", 0, *extra,
     ]  # fmt: skip
-
-
-def assert_same_output(out: Path, reference: Path) -> None:
-    for folder in DATA_FOLDERS:
-        names = sorted(p.name for p in (reference / folder).iterdir())
-        assert sorted(p.name for p in (out / folder).iterdir()) == names, f"{folder}: different (or leftover) files"
-        for name in names:
-            assert (out / folder / name).read_bytes() == (reference / folder / name).read_bytes(), f"{folder}/{name}"
 
 
 def one_error(output: str) -> str:

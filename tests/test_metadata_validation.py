@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cli_runner import run_cli
-from images_corpus import tiny_model_files
+from images_corpus import tiny_hf_config, tiny_model_files
 
 from mae.config import MAEConfig
 from mae.errors import MAEError
@@ -31,18 +31,7 @@ def bundle_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTMAEConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=64,
-    )
+    config = tiny_hf_config()
     folder = tmp_path_factory.mktemp("hf") / "vit-mae-tiny"
     transformers.ViTMAEForPreTraining(config).save_pretrained(folder)
     return folder

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from images_corpus import tiny_hf_config
 
 from mae.checkpoint import load_checkpoint, safe_torch_load, save_checkpoint
 from mae.config import MAEConfig
@@ -230,19 +231,7 @@ def test_load_model_resizes_position_embeddings(tmp_path: Path, tiny_model: Mask
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTMAEConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        decoder_hidden_size=16,
-        decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=64,
-        norm_pix_loss=True,
-    )
+    config = tiny_hf_config(norm_pix_loss=True)
     folder = tmp_path_factory.mktemp("hf") / "vit-mae-tiny"
     transformers.ViTMAEForPreTraining(config).save_pretrained(folder)
     return folder
