@@ -28,16 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mae.config import get_preset
+from mae.checkpoint import save_random_weights
+from mae.core import hardware
+from mae.core.bundle import Bundle
+from mae.core.config import get_preset
+from mae.core.masking import masking_from_noise, random_noise
+from mae.core.numerics import cosine_rows, pooled
 from mae.export import export_bundle
 from mae.export.verify import reference_pixels
-from mae.runtime import hardware
-from mae.runtime.bench import cosine_rows, pooled, timing_rounds
-from mae.runtime.bundle import Bundle
+from mae.runtime.bench import timing_rounds
 from mae.runtime.engines import create_engine
 from mae.runtime.engines.openvino import split_batch
-from mae.runtime.engines.torch import save_random_weights
-from mae.runtime.masking import masking_from_noise, random_noise
 
 GOALS = {49: 1.3, 196: 1.2}
 

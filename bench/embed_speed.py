@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mae.runtime.bundle import Bundle
+from mae.core.bundle import Bundle
+from mae.core.masking import full_ids_keep
+from mae.core.preprocess import load_and_preprocess
 from mae.runtime.embed import embed
 from mae.runtime.engines import create_engine
-from mae.runtime.masking import full_ids_keep
-from mae.runtime.preprocess import load_and_preprocess
 
 SIZE = (640, 480)
 
@@ -66,7 +66,7 @@ def random_weights_bundle(preset: str, folder: Path) -> Path:
     import torch
 
     from mae.checkpoint import save_checkpoint
-    from mae.config import get_preset
+    from mae.core.config import get_preset
     from mae.export import export_bundle
     from mae.model import MaskedAutoencoder
 

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from mae.checkpoint import save_checkpoint
-from mae.config import get_preset
+from mae.core.config import get_preset
+from mae.core.masking import masking_from_noise, random_noise
 from mae.export import export_bundle
 from mae.export.verify import reference_pixels
 from mae.model import MaskedAutoencoder
-from mae.runtime.masking import masking_from_noise, random_noise
 
 MASK_RATIOS = (0.75, 0.0)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mae.config import get_preset
+from mae.core.config import get_preset
 from mae.model import MaskedAutoencoder
 from mae.train import ADAMW_BETAS, autocast_context, weight_decay_groups
 
@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument("--allow-emulated-bf16", action="store_true", help="time bf16 on a CPU without it anyway")
     args = parser.parse_args()
 
-    from mae.errors import MAEError
-    from mae.runtime.hardware import cpu_info, require_native_bf16
+    from mae.core.errors import MAEError
+    from mae.core.hardware import cpu_info, require_native_bf16
 
     try:  # emulated bf16 takes many times longer than fp32: this benchmark would seem to hang
         require_native_bf16("bench/train_speed.py's bf16 pass", allow_emulated=args.allow_emulated_bf16)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae.errors import MAEError
+from mae.core.bundle import is_bundle
+from mae.core.errors import MAEError
 
 if TYPE_CHECKING:
-    from mae.runtime.bundle import Bundle
+    from mae.core.bundle import Bundle
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,13 @@ def export_bundle(
     **options: Any,
 ) -> Bundle:
     """Export weights to a verified ONNX bundle; see `mae.export.onnx_bundle.export_bundle`."""
-    from mae.export.onnx_bundle import export_bundle as _export_bundle
+    from .onnx_bundle import export_bundle as _export_bundle
 
     return _export_bundle(weights, out_dir, precisions, opset, num_heads, decoder_num_heads, verify, resize, **options)
 
 
 def default_out_dir(weights: Path) -> Path:
     """Where `mae export WEIGHTS` writes without --out: a bundle is extended in place, weights get a sibling."""
-    from mae.runtime.bundle import is_bundle
 
     return weights if is_bundle(weights) else weights.parent / "bundle"
 
@@ -117,7 +117,7 @@ def run_export(
         )
 
     if target.name == "tensorrt":
-        from mae.export.tensorrt import run_tensorrt_export
+        from .tensorrt import run_tensorrt_export  # loaded when an export runs: `import mae.export` stays light
 
         return run_tensorrt_export(
             weights,
@@ -131,9 +131,10 @@ def run_export(
             workspace_gib=workspace,
         )
 
-    from mae.export.calibration import DEFAULT_COUNT
-    from mae.export.info import print_export_summary
-    from mae.export.onnx_bundle import Int8Options
+    # Loaded when an export runs (onnx_bundle imports torch): `import mae.export` stays light.
+    from .calibration import DEFAULT_COUNT
+    from .info import print_export_summary  # (as above)
+    from .onnx_bundle import Int8Options  # (as above)
 
     bundle = export_bundle(
         weights,

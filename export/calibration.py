@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from mae.errors import MAEError
-from mae.runtime.bundle import Preprocessing
-from mae.runtime.masking import masking_from_noise, random_noise
+from mae.core.errors import MAEError
+from mae.core.masking import masking_from_noise, random_noise
+from mae.core.preprocess import ImageError, Preprocessing, load_and_preprocess, preprocess_image
+from mae.runtime.inputs import list_inputs
 
 DEFAULT_COUNT = 64
 MIN_CALIBRATION = 8  # fewer images than this do not give ranges worth trusting
@@ -83,8 +84,6 @@ def load_calibration(
 
 
 def _user_images(source: str | Path, preprocessing: Preprocessing, count: int, seed: int) -> Calibration:
-    from mae.runtime.inputs import list_inputs
-    from mae.runtime.preprocess import ImageError, load_and_preprocess
 
     inputs = list_inputs(source)
     order = np.random.default_rng(seed).permutation(len(inputs))
@@ -136,8 +135,8 @@ def random_crop(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _shipped(preprocessing: Preprocessing, count: int, seed: int) -> Calibration:
     from mae.data import shipped_photos
-    from mae.export.verify import PHOTOS
-    from mae.runtime.preprocess import preprocess_image
+
+    from .verify import PHOTOS
 
     photos = shipped_photos()
     verification = [name for name in PHOTOS if name in photos]  # held out: the export checks on these

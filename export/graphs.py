@@ -16,9 +16,10 @@ import onnx
 import torch
 from torch import nn
 
-from mae.errors import MAEError
-from mae.export.progress import quiet
+from mae.core.errors import MAEError
 from mae.model import MaskedAutoencoder
+
+from .progress import quiet
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization is an ONNX op from 17 on; below that it would be decomposed

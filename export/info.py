@@ -10,9 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mae.errors import MAEError
-from mae.runtime.bundle import PRECISIONS, Bundle
-from mae.runtime.integrity import verify_entry
+from mae.core.bundle import PRECISIONS, Bundle
+from mae.core.errors import MAEError
+from mae.core.integrity import verify_entry
+
+from .metadata import read_metadata
+from .tolerances import Tolerance
 
 
 def _size(num_bytes: int | None) -> str:
@@ -33,8 +36,6 @@ def graph_metadata_of(path: Path) -> dict[str, Any]:
     """The mae.* metadata_props of one graph file (its weights are not read)."""
     import onnx
 
-    from mae.export.metadata import read_metadata
-
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and OSError
@@ -43,7 +44,7 @@ def graph_metadata_of(path: Path) -> dict[str, Any]:
 
 
 def _intact(bundle: Bundle, entry: dict[str, Any]) -> bool:
-    """Whether the files of a graph entry are those mae.json records (`mae.runtime.integrity`)."""
+    """Whether the files of a graph entry are those mae.json records (`mae.core.integrity`)."""
     try:
         verify_entry(bundle.path, entry)
     except MAEError:
@@ -184,7 +185,6 @@ def _graph_table(summary: dict[str, Any], title: str):  # noqa: ANN202 - rich Ta
 
 def _tolerance_lines(summary: dict[str, Any]) -> list[str]:
     """'fp32: max |diff| <= 0.0001' per verified precision."""
-    from mae.export.tolerances import Tolerance
 
     lines = {}
     for graph in summary["graphs"]:

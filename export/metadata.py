@@ -21,8 +21,8 @@ import json
 from typing import Any
 
 from mae import __version__
-from mae.config import MAEConfig
-from mae.runtime.bundle import Preprocessing
+from mae.core.config import MAEConfig
+from mae.core.preprocess import Preprocessing
 
 PREFIX = "mae."
 

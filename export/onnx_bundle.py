@@ -22,10 +22,17 @@ import onnx
 import torch
 
 from mae import __version__
-from mae.config import MAEConfig
-from mae.errors import MAEError
-from mae.export.calibration import DEFAULT_COUNT, Calibration, load_calibration
-from mae.export.graphs import (
+from mae.core.bundle import FORMAT, FORMAT_VERSION, PRECISIONS, Bundle, is_bundle
+from mae.core.config import MAEConfig
+from mae.core.errors import MAEError
+from mae.core.files import FolderLock, current_umask, faults, make_dirs, remove_leftovers, sha256_file, temporary_name
+from mae.core.hardware import cpu_info
+from mae.core.preprocess import Preprocessing
+from mae.model import MaskedAutoencoder
+from mae.weights import LoadedWeights, load_model
+
+from .calibration import DEFAULT_COUNT, Calibration, load_calibration
+from .graphs import (
     ATTENTION_OPSET,
     DEFAULT_OPSET,
     EXPORTER,
@@ -33,10 +40,10 @@ from mae.export.graphs import (
     export_graph,
     graph_opset,
 )
-from mae.export.metadata import graph_metadata, set_metadata
-from mae.export.precision import INT8_METHOD, check_int8_weight_range, quantize_int8, quantize_openvino_int8, to_fp16
-from mae.export.progress import Steps
-from mae.export.verify import (
+from .metadata import graph_metadata, set_metadata
+from .precision import INT8_METHOD, check_int8_weight_range, quantize_int8, quantize_openvino_int8, to_fp16
+from .progress import Steps
+from .verify import (
     TOLERANCES,
     Tolerance,
     TorchReference,
@@ -46,17 +53,6 @@ from mae.export.verify import (
     verify_graph,
     verify_openvino_model,
 )
-from mae.files import FolderLock, current_umask, faults, make_dirs, remove_leftovers, sha256_file, temporary_name
-from mae.model import MaskedAutoencoder
-from mae.runtime.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
-    PRECISIONS,
-    Bundle,
-    Preprocessing,
-    is_bundle,
-)
-from mae.weights import LoadedWeights
 
 RESIZE_POLICIES = ("center", "squash")
 OPENVINO_INT8_FILE = "encoder.int8.xml"  # + encoder.int8.bin: the NNCF-quantized OpenVINO model
@@ -138,7 +134,6 @@ def load_source(
         if not isinstance(model, MaskedAutoencoder) or not isinstance(loaded, LoadedWeights):
             raise MAEError("weights must be a path or a (MaskedAutoencoder, LoadedWeights) pair.")
         return _model_for_export(model), loaded
-    from mae.weights import load_model
 
     path = Path(weights)
     if is_bundle(path):
@@ -509,7 +504,6 @@ def _export_precisions(
 
 def _int8_record(calibration: Calibration, int8: Int8Options, verified: bool) -> dict[str, Any]:
     """mae.json's "int8": how the int8 graphs were made and where they were checked."""
-    from mae.runtime.hardware import cpu_info
 
     return {
         "method": dict(INT8_METHOD) if int8.build_openvino() else {"onnxruntime": INT8_METHOD["onnxruntime"]},

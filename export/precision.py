@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from mae.errors import MAEError, require
-from mae.export.progress import quiet
+from mae.core.errors import MAEError, require
+
+from .progress import quiet
 
 FP32_ISLANDS = ("LayerNormalization", "Softmax")  # kept in fp32 inside the fp16 graph
 INT8_OPS = ("MatMul",)

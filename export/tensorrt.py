@@ -33,88 +33,30 @@ from pathlib import Path
 from typing import Any
 
 from mae import __version__
-from mae.config import MAEConfig
-from mae.errors import MAEError
+from mae.core.bundle import Bundle, is_bundle
+from mae.core.config import MAEConfig
+from mae.core.engine_files import (
+    ENGINE_PRECISIONS,
+    SIDECAR_FORMAT,
+    engine_file,
+    engine_sidecar_path,
+    tensorrt_major,
+)
+from mae.core.errors import MAEError
+from mae.core.files import atomic_write_bytes, atomic_write_text, sha256_file
+from mae.core.hardware import cudart_gpus
+
+from .progress import Steps
 
 SUPPORTED_MAJORS = (10, 11)
-ENGINE_PRECISIONS = ("fp32", "fp16")
 DEFAULT_OPT_BATCH = 32  # the embed command's default batch
 DEFAULT_WORKSPACE_GIB = 4.0
 TIMING_CACHE_FILE = "tensorrt.timing.cache"
-SIDECAR_FORMAT = "mae-tensorrt-engine"
 INSTALL_HINT = (
     "pip install 'mae-toolkit[tensorrt]' on a machine with an NVIDIA GPU and driver "
     "(the ONNX bundle runs without TensorRT: --format onnx)"
 )
 Dims = tuple[int, ...]
-
-
-# --------------------------------------------------------------------------------------------- file names
-def engine_file(part: str, precision: str) -> str:
-    """encoder.engine, decoder.fp16.engine, ..."""
-    return f"{part}.engine" if precision == "fp32" else f"{part}.{precision}.engine"
-
-
-def engine_sidecar_path(engine_path: str | os.PathLike) -> Path:
-    """The JSON beside an engine: encoder.fp16.engine -> encoder.fp16.engine.json."""
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
-
-
-def load_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
-    """An engine's sidecar, or an error saying to rebuild (an engine without one cannot be checked)."""
-    sidecar_path = engine_sidecar_path(engine_path)
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise MAEError(
-            f"Cannot read {sidecar_path}, which says what {Path(engine_path).name} was built for: {exc}",
-            hint="rebuild the engines: mae export BUNDLE --format trt",
-        ) from exc
-    if sidecar.get("format") != SIDECAR_FORMAT:
-        raise MAEError(f"{sidecar_path} is not an mae engine sidecar.", hint="rebuild: mae export BUNDLE --format trt")
-    return sidecar
-
-
-# ------------------------------------------------------------------------------------------ compatibility
-def tensorrt_major(version: str) -> int:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError as exc:
-        raise MAEError(f"Cannot read the TensorRT version {version!r}.") from exc
-
-
-def _capability_text(capability: Any) -> str:
-    """(8, 9), [8, 9], "8.9", 8.9 -> "8.9"."""
-    if isinstance(capability, (tuple, list)):
-        return ".".join(str(int(part)) for part in capability)
-    return str(capability).strip()
-
-
-def check_engine_compatible(sidecar: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: Any) -> None:
-    """Raise MAEError (saying to rebuild) unless the engine described by `sidecar` can load here.
-
-    TensorRT engines are tied to the exact TensorRT version that built them and to the GPU: its compute
-    capability for correctness, the GPU model for the tactics chosen. Pure: no TensorRT import.
-    """
-    engine = sidecar.get("engine", "the engine")
-    rebuild = f"rebuild it here: mae export BUNDLE --format trt --precision {sidecar.get('precision', 'fp32')}"
-    built_version = str(sidecar.get("tensorrt_version", "unknown"))
-    if built_version != str(trt_version):
-        raise MAEError(
-            f"{engine} was built with TensorRT {built_version}, and this is TensorRT {trt_version}: an engine "
-            "only loads on the TensorRT version that built it.",
-            hint=rebuild,
-        )
-    built_capability = _capability_text(sidecar.get("compute_capability", "unknown"))
-    built_gpu = str(sidecar.get("gpu_name", "unknown")).strip()
-    here_capability = _capability_text(compute_capability)
-    if built_capability != here_capability or built_gpu != str(gpu_name).strip():
-        raise MAEError(
-            f"{engine} was built for {built_gpu} (compute capability {built_capability}), and this GPU is "
-            f"{str(gpu_name).strip()} (compute capability {here_capability}): engines are specific to a GPU.",
-            hint=rebuild,
-        )
 
 
 # ------------------------------------------------------------------------------------------------ profiles
@@ -286,8 +228,6 @@ def build_engine(
             hint="a larger --workspace or a smaller --max-batch may help",
         )
     if timing_cache_path is not None:
-        from mae.files import atomic_write_bytes
-
         atomic_write_bytes(timing_cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
 
@@ -337,7 +277,6 @@ def gpu_info() -> GpuInfo | None:
             return GpuInfo(torch.cuda.get_device_name(0), f"{major}.{minor}")
     except ImportError:
         pass
-    from mae.runtime.hardware import cudart_gpus
 
     gpus = cudart_gpus() or []
     return GpuInfo(gpus[0].name, str(gpus[0].compute_capability)) if gpus else None
@@ -373,14 +312,12 @@ def run_tensorrt_export(
     workspace_gib: float = DEFAULT_WORKSPACE_GIB,
     verify: bool = True,
     progress: bool = True,
-) -> Any:  # mae.runtime.bundle.Bundle
+) -> Any:  # mae.core.bundle.Bundle
     """`mae export WEIGHTS_OR_BUNDLE --format trt`: engines for every graph of `precision` in the bundle.
 
     Weights are exported to a bundle first (into out_dir); a bundle gets the engines (and, when missing, the ONNX
     graph of that precision) added in place.
     """
-    from mae.files import atomic_write_bytes, atomic_write_text, sha256_file
-    from mae.runtime.bundle import Bundle, is_bundle
 
     trt, gpu = check_tensorrt_available()  # before anything slow
     plan = build_plan(trt.__version__, precision)
@@ -394,7 +331,7 @@ def run_tensorrt_export(
     bundle_dir = Path(weights) if is_bundle(weights) else Path(out_dir)
     bundle = Bundle.load(bundle_dir) if is_bundle(bundle_dir) else None
     if bundle is None or plan.onnx_precision not in bundle.precisions:
-        from mae.export import export_bundle
+        from .onnx_bundle import export_bundle
 
         bundle = export_bundle(
             weights,  # weights, or the bundle itself (its recorded source weights are used)
@@ -405,8 +342,6 @@ def run_tensorrt_export(
             decoder_num_heads=decoder_num_heads,
             progress=progress,
         )
-
-    from mae.export.progress import Steps
 
     steps = Steps(enabled=progress)
     parts = [part for part in ("encoder", "decoder") if bundle.has_graph(part, plan.onnx_precision)]
@@ -476,7 +411,7 @@ def verify_engines(trt: Any, bundle: Any, engines: dict[str, bytes], precision: 
     if not usable:
         steps.note("engines not verified: running them here needs PyTorch with CUDA")
         return {part: {"verified": False, "reason": "PyTorch without CUDA"} for part in engines}
-    from mae.export.verify import TOLERANCES, OnnxReference, Tolerance, compare_outputs
+    from .verify import TOLERANCES, OnnxReference, Tolerance, compare_outputs
 
     reference = OnnxReference(bundle)
     tolerance = Tolerance(max_abs=ENGINE_TOLERANCE_FP32_ABS) if precision == "fp32" else TOLERANCES[precision]

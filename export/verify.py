@@ -24,12 +24,15 @@ import numpy as np
 import onnx
 import torch
 
-from mae.errors import MAEError, require
-from mae.export.graphs import GRAPH_IO
-from mae.export.tolerances import TOLERANCES, Tolerance
+from mae.core.errors import MAEError, require
+from mae.core.masking import masking_from_noise, random_noise
+from mae.core.numerics import cosine_rows
+from mae.core.preprocess import Preprocessing, preprocess_image
 from mae.model import MaskedAutoencoder
-from mae.runtime.bundle import Preprocessing
-from mae.runtime.masking import masking_from_noise, random_noise
+from mae.runtime.engines.openvino import compile_options, keep_signal_stack
+
+from .graphs import GRAPH_IO
+from .tolerances import TOLERANCES, Tolerance
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 MASK_RATIOS = (0.0, 0.75)
@@ -69,7 +72,6 @@ def _synthetic_photos(count: int = len(PHOTOS), size: int = 320) -> tuple[list[s
 
 def reference_pixels(preprocessing: Preprocessing) -> tuple[list[str], np.ndarray]:
     """The reference photos through the bundle's pre-processing: float32 [N, 3, S, S]."""
-    from mae.runtime.preprocess import preprocess_image
 
     names, photos = reference_photos()
     return names, np.stack([preprocess_image(photo, preprocessing) for photo in photos])
@@ -177,7 +179,7 @@ class OnnxReference(Reference):
 
     label = "the bundle's fp32 ONNX graphs"
 
-    def __init__(self, bundle: Any) -> None:  # mae.runtime.bundle.Bundle
+    def __init__(self, bundle: Any) -> None:  # mae.core.bundle.Bundle
         super().__init__(bundle.config.num_patches, bundle.preprocessing)
         self.bundle = bundle
         self._sessions: dict[str, Any] = {}
@@ -196,14 +198,6 @@ def check_graph_file(path: Path) -> None:
         onnx.checker.check_model(os.fspath(path), full_check=True)
     except Exception as exc:  # onnx raises ValidationError, InferenceError or protobuf errors
         raise VerificationError(f"{path.name} is not a valid ONNX graph: {exc}", hint="this is an export bug") from exc
-
-
-def _cosines(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of two [N, F] arrays, in float64."""
-    reference = reference.astype(np.float64)
-    actual = actual.astype(np.float64)
-    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(actual, axis=1)
-    return (reference * actual).sum(axis=1) / np.maximum(norms, 1e-30)
 
 
 def _session(path: Path):  # noqa: ANN202 - onnxruntime.InferenceSession
@@ -245,7 +239,6 @@ def verify_graph(
 def verify_openvino_model(xml_path: Path, part: str, reference: Reference, tolerance: Tolerance) -> dict[str, Any]:
     """Check an OpenVINO IR (the int8 encoder) against the reference, compiled as the openvino engine compiles it
     on this CPU (`mae.runtime.engines.openvino.compile_options`, dynamic shapes)."""
-    from mae.runtime.engines.openvino import compile_options, keep_signal_stack
 
     ov = require("openvino", "openvino", "Verifying an OpenVINO export")
     with keep_signal_stack():
@@ -304,12 +297,12 @@ def compare_outputs(
             difference = relative = math.inf
             entry.update(max_abs_diff=math.inf, max_rel_diff=math.inf, non_finite=True)
         if part == "encoder":
-            cls = float(_cosines(expected[:, 0], actual[:, 0]).min())
-            mean = float(_cosines(expected[:, 1:].mean(axis=1), actual[:, 1:].mean(axis=1)).min())
+            cls = float(cosine_rows(expected[:, 0], actual[:, 0]).min())
+            mean = float(cosine_rows(expected[:, 1:].mean(axis=1), actual[:, 1:].mean(axis=1)).min())
             entry.update(cosine_cls=cls, cosine_mean=mean)
             cosine_cls, cosine_mean = min(cosine_cls, cls), min(cosine_mean, mean)
         else:
-            flat = float(_cosines(expected.reshape(case.batch, -1), actual.reshape(case.batch, -1)).min())
+            flat = float(cosine_rows(expected.reshape(case.batch, -1), actual.reshape(case.batch, -1)).min())
             entry.update(cosine_pred=flat)
             cosine_pred = min(cosine_pred, flat)
         cases.append(entry)

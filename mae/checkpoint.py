@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from mae import __version__
-from mae.config import MAEConfig
-from mae.errors import MAEError
-from mae.files import atomic_write_bytes
+from . import __version__
+from .core.config import MAEConfig
+from .core.errors import MAEError
+from .core.files import atomic_write_bytes, fault
 
 FORMAT = "mae-checkpoint"
 FORMAT_VERSION = 1
@@ -66,8 +66,6 @@ def _unreadable(path: Path, exc: BaseException) -> MAEError:
             head = handle.read(4)
         complete_zip = zipfile.is_zipfile(path)
     except OSError as os_error:
-        from mae.files import fault
-
         return fault(os_error, path, "read")
     again = "copy, download or save it again"
     if size == 0:
@@ -116,8 +114,6 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             " or as safetensors",
         ) from exc
     except PermissionError as exc:
-        from mae.files import fault
-
         raise fault(exc, path, "read") from exc
     except MemoryError:
         raise
@@ -153,3 +149,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not is_mae_checkpoint(payload):
         raise MAEError(f"{path} is not an mae checkpoint.", hint="use mae.weights.load_weights for other formats")
     return checkpoint_from_payload(payload, path)
+
+
+def save_random_weights(config, path: str | Path, seed: int = 0, decoder: bool = True) -> Path:  # noqa: ANN001
+    """A checkpoint of a freshly initialized model (benchmarks of presets), seeded for repeatable numbers."""
+    from .model import MaskedAutoencoder  # model imports nothing of checkpoint: no circle
+
+    torch.manual_seed(seed)
+    network = MaskedAutoencoder(config, decoder=decoder)
+    save_checkpoint(path, network.state_dict(), config)
+    return Path(path)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mae.errors import MAEError
+from .core.errors import MAEError
 
 app = typer.Typer(
     name="mae",
@@ -122,7 +122,7 @@ def train(
     Multi-GPU / multi-node: torchrun --nproc_per_node N -m mae.cli train ... (rank 0 writes).
     """
     options = dict(locals())  # before the import below adds names to locals()
-    from mae.train import TrainOptions, run_training
+    from .train import TrainOptions, run_training
 
     run_training(TrainOptions(**options))
 
@@ -259,7 +259,7 @@ def bench(
     """Images/s per engine and mask ratio, as ratios against PyTorch eager fp32 in the same run, and as a fraction of
     this machine's peak GEMM throughput."""
     options = dict(locals())  # before the import below adds a name
-    from mae.runtime.bench import run_bench
+    from .benchmark import run_bench
 
     run_bench(**options)
 
@@ -285,14 +285,14 @@ def info(
         print_system_report()
     if path is None:
         return
-    from mae.runtime.bundle import is_bundle
+    from .core.bundle import is_bundle
 
     if is_bundle(path):
         from mae.export.info import describe_bundle
 
         describe_bundle(path)
     else:
-        from mae.weights_info import describe  # safetensors folders without PyTorch
+        from .weights_info import describe  # safetensors folders without PyTorch
 
         describe(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
 
@@ -305,7 +305,7 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Pretrain, export, reconstruct, embed and benchmark on photos shipped with scikit-image/-learn."""
-    from mae.demo import run_demo
+    from .demo import run_demo
 
     run_demo(out=out, minutes=minutes, seed=seed)
 
@@ -323,7 +323,7 @@ def main() -> None:
         show_error(exc)
         sys.exit(2)
     except OSError as exc:  # a file-system fault no writer turned into a message: the same message, never a traceback
-        from mae.files import fault
+        from .core.files import fault
 
         show_error(fault(exc, action="open" if isinstance(exc, FileNotFoundError) else "write"))
         sys.exit(2)

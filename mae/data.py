@@ -29,9 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mae.errors import MAEError
-from mae.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from mae.runtime.preprocess import ImageError, load_image, preprocess_image
+from .core.errors import MAEError
+from .core.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageError,
+    Preprocessing,
+    load_and_preprocess,
+    load_image,
+    preprocess_image,
+)
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -146,7 +153,7 @@ class SkippedSample:
     """Marker for a file that could not be decoded."""
 
     path: str
-    reason: str  # short code from mae.runtime.preprocess.ImageError ("corrupt", "truncated", ...)
+    reason: str  # short code from mae.core.preprocess.ImageError ("corrupt", "truncated", ...)
     message: str
 
 
@@ -268,7 +275,6 @@ def make_loader(
 
 def load_preview_images(paths: Sequence[Path], img_size: int) -> tuple[np.ndarray, list[Path], list[SkippedSample]]:
     """Held-out images as the runtime shows them (`mae reconstruct` preprocessing): float32 [N, 3, S, S]."""
-    from mae.runtime.preprocess import load_and_preprocess
 
     pre = Preprocessing(size=img_size)
     arrays, used, skipped = [], [], []

@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from mae.errors import MAEError
-from mae.files import atomic_write_bytes, atomic_write_text, make_dirs
+from mae.export import export_bundle
+from mae.runtime.embed import embed
 from mae.runtime.engines.auto import GATE
+from mae.runtime.reconstruct import reconstruct, save_picture
+
+from .core.errors import MAEError
+from .core.files import atomic_write_bytes, atomic_write_text, make_dirs
+from .core.visualize import mask_to_pixels, panels_picture
 
 PRESET = "mae_vit_mini_patch8"  # 64 px, 8 px patches, 6 + 2 blocks
 BATCH_SIZE = 32
@@ -51,7 +56,7 @@ def gather_photos(folder: Path) -> list[Path]:
     """
     from PIL import Image
 
-    from mae.data import shipped_photos
+    from .data import shipped_photos
 
     make_dirs(folder)
     arrays = shipped_photos()
@@ -75,7 +80,6 @@ def mean_colour_baseline_psnr(original: np.ndarray, mask: np.ndarray, patch_size
 
     original [N, S, S, 3] in [0, 1]; mask [N, L] (1 = removed) -> [N] dB.
     """
-    from mae.runtime.visualize import mask_to_pixels
 
     removed = mask_to_pixels(mask, patch_size, original.shape[1])  # [N, S, S, 1]
     visible = 1.0 - removed
@@ -132,7 +136,7 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
 
     # 1. Photos -------------------------------------------------------------------------------------------
     console.rule("[bold]1/6 photos")
-    from mae.data import split_holdout
+    from .data import split_holdout
 
     photo_paths = gather_photos(out / "photos")
     train_paths, held_out = split_holdout(photo_paths, HELD_OUT)
@@ -141,7 +145,7 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
 
     # 2. Pretraining ----------------------------------------------------------------------------------------
     console.rule("[bold]2/6 pretraining")
-    from mae.train import TrainOptions, run_training
+    from .train import TrainOptions, run_training
 
     steps = training_steps(minutes)
     steps_per_epoch = max(1, len(train_paths) * REPEAT // BATCH_SIZE)
@@ -181,7 +185,6 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
 
     # 3. Export ----------------------------------------------------------------------------------------------
     console.rule("[bold]3/6 export to ONNX (fp32 + int8), verified against PyTorch")
-    from mae.export import export_bundle
 
     bundle_dir = out / "bundle"
     bundle = export_bundle(result.checkpoint, bundle_dir, precisions=("fp32", "int8"))
@@ -190,8 +193,6 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
 
     # 4. Reconstruction --------------------------------------------------------------------------------------
     console.rule("[bold]4/6 reconstruction of the held-out photos")
-    from mae.runtime.reconstruct import reconstruct, save_picture
-    from mae.runtime.visualize import panels_picture
 
     recon: dict[str, Any] = {}
     for engine, model in (("onnx", str(bundle_dir)), ("torch", str(result.checkpoint))):
@@ -212,7 +213,6 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
 
     # 5. Embedding -------------------------------------------------------------------------------------------
     console.rule("[bold]5/6 embedding every photo")
-    from mae.runtime.embed import embed
 
     embed_dir = out / "embeddings"
     embed_summary = embed(
@@ -222,7 +222,7 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
 
     # 6. Benchmark -------------------------------------------------------------------------------------------
     console.rule("[bold]6/6 engine benchmark (encoder, batch 8)")
-    from mae.runtime.bench import bench
+    from .benchmark import bench
 
     rows = bench(
         str(bundle_dir),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mae.errors import MAEError
+from .core.errors import MAEError
 
 
 @dataclass(frozen=True)

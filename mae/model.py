@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae.config import MAEConfig
-from mae.errors import MAEError
-from mae.pos_embed import sincos_2d
+from .core.config import MAEConfig
+from .core.errors import MAEError
+from .pos_embed import sincos_2d
 
 PoolKind = Literal["cls", "mean", "cls+mean"]
 

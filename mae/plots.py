@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .core.files import atomic_write_bytes
+
 WIDTH, HEIGHT = 900, 560
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 80, 24, 40, 44
 LR_PANEL_HEIGHT = 110  # the learning-rate strip under the loss plot
@@ -172,8 +174,6 @@ def loss_axis_label(losses: list[float]) -> str:
 def save_loss_curve(path: str | os.PathLike, steps, losses, lrs=None, title: str = "training loss") -> Path:
     """Draw and write the PNG atomically (a reader never sees half a file)."""
     import io
-
-    from mae.files import atomic_write_bytes
 
     buffer = io.BytesIO()
     loss_curve(steps, losses, lrs, title=title).save(buffer, format="PNG")

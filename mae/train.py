@@ -19,7 +19,7 @@ Run directory (written by rank 0 only):
     run.json                    the options and the resolved configuration of the run
     .lock                       held (flock) while a training writes the folder; a second one is refused
 
-Every write goes through `mae.files`: atomic (temporary + fsync + rename), and an OS fault (no space, read-only,
+Every write goes through `mae.core.files`: atomic (temporary + fsync + rename), and an OS fault (no space, read-only,
 permission, a file where the folder should be) stops the run with a message that names the path, the cause, the
 remedy and the checkpoint that is intact. Temporaries a killed run left are removed when the folder is next used
 (only those of dead processes).
@@ -46,21 +46,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mae.checkpoint import load_checkpoint, save_checkpoint
-from mae.config import MAEConfig, get_preset
-from mae.data import (
-    Batch,
-    PretrainDataset,
-    ShardedBatchSampler,
-    SkippedSample,
-    find_images,
-    load_preview_images,
-    make_loader,
-    split_holdout,
-)
-from mae.distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
-from mae.errors import MAEError
-from mae.files import (
+from .checkpoint import load_checkpoint, save_checkpoint
+from .core import hardware
+from .core.config import MAEConfig, get_preset
+from .core.errors import MAEError
+from .core.files import (
     FileSystemFault,
     FolderLock,
     atomic_copy,
@@ -70,9 +60,23 @@ from mae.files import (
     make_dirs,
     remove_leftovers,
 )
-from mae.model import MaskedAutoencoder, count_parameters
-from mae.runtime import hardware
-from mae.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD
+from .core.masking import random_noise
+from .core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .core.visualize import build_panels, masked_metrics, panels_picture
+from .data import (
+    Batch,
+    PretrainDataset,
+    ShardedBatchSampler,
+    SkippedSample,
+    find_images,
+    load_preview_images,
+    make_loader,
+    split_holdout,
+)
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
+from .model import MaskedAutoencoder, count_parameters
+from .plots import save_loss_curve
+from .weights import load_weights, resize_weights
 
 DEFAULT_PRESET = "mae_vit_base_patch16"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -97,7 +101,7 @@ RUN_DEFINING = (
     "repeat",
 )
 MAX_SEED = 2**53  # seed * 1000 + rank still fits the int64 seeds of torch generators
-# Temporaries of the run folder's files (mae.files names them .NAME.OWNER.RANDOM.tmp): NAME of each.
+# Temporaries of the run folder's files (mae.core.files names them .NAME.OWNER.RANDOM.tmp): NAME of each.
 _RUN_TEMPORARY = re.compile(r"^\.(checkpoint(?:-\d+)?\.pt|log\.jsonl|run\.json|loss_curve\.png)\.")
 _PREVIEW_TEMPORARY = re.compile(r"^\.(epoch_\d+\.png)\.")
 
@@ -534,8 +538,6 @@ class _Trainer:
             self._check_same_run(config, wanted, run)
             return config, preset, payload["model"], []
         if opts.init is not None:
-            from mae.weights import load_weights, resize_weights
-
             if opts.model is not None:
                 raise MAEError(
                     "--init takes the architecture from the weights, so --model cannot choose another one.",
@@ -962,9 +964,7 @@ class _Trainer:
     # ------------------------------------------------------------------------------------------ outputs
     @torch.no_grad()
     def _write_preview(self) -> Path | None:
-        """Reconstructions of the preview images with fixed masking, drawn by mae.runtime.visualize."""
-        from mae.runtime.masking import random_noise
-        from mae.runtime.visualize import build_panels, masked_metrics, panels_picture
+        """Reconstructions of the preview images with fixed masking, drawn by mae.core.visualize."""
 
         pixel_values, used, _ = load_preview_images(self.preview_paths, self.config.img_size)
         if not used:
@@ -998,7 +998,6 @@ class _Trainer:
     def _draw_loss_curve(self) -> None:
         if not self.is_main or not self.history:
             return
-        from mae.plots import save_loss_curve
 
         save_loss_curve(
             self.out / LOSS_CURVE,

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from mae.checkpoint import checkpoint_from_payload, is_mae_checkpoint, safe_torch_load
-from mae.config import DECODER_PREFIXES, PRESETS, MAEConfig
-from mae.errors import MAEError
-from mae.files import sha256_file
-from mae.hf import HF_WEIGHT_FILES, convert_hf_state, hf_config, read_hf_config
-from mae.model import MaskedAutoencoder
-from mae.pos_embed import resize_pos_embed
+from .checkpoint import checkpoint_from_payload, is_mae_checkpoint, safe_torch_load
+from .core.config import DECODER_PREFIXES, PRESETS, MAEConfig
+from .core.errors import MAEError
+from .core.files import sha256_file
+from .core.hf import HF_WEIGHT_FILES, convert_hf_state, hf_config, read_hf_config
+from .model import MaskedAutoencoder
+from .pos_embed import resize_pos_embed
 
 SOURCE_FORMATS = ("mae-checkpoint", "official", "huggingface")
 
@@ -526,19 +526,3 @@ def summary_of(loaded: LoadedWeights) -> dict[str, Any]:
         "norm_pix_loss_known": loaded.norm_pix_loss_known,
         "notes": list(loaded.notes),
     }
-
-
-def describe_weights(
-    path: str | os.PathLike,
-    num_heads: int | None = None,
-    decoder_num_heads: int | None = None,
-    *,
-    norm_pix_loss: bool | None = None,
-    console: Any = None,
-) -> dict[str, Any]:
-    """Print what the weights are (rich tables) and return the same facts as `weights_summary`."""
-    from mae.weights_info import print_weights_summary
-
-    summary = weights_summary(path, num_heads, decoder_num_heads, norm_pix_loss=norm_pix_loss)
-    print_weights_summary(summary, console)
-    return summary

@@ -1,7 +1,7 @@
 """`mae info WEIGHTS`: what a weights file or folder is, printed; torch-free for Hugging Face safetensors folders.
 
 A safetensors folder is described from its config.json and the tensors' headers (names and shapes), through the
-same name conversion the loader uses (`mae.hf.convert_hf_state`): no tensor is read and PyTorch is not imported,
+same name conversion the loader uses (`mae.core.hf.convert_hf_state`): no tensor is read and PyTorch is not imported,
 so it takes a fraction of a second where loading ViT-L took seconds. Every other format (our checkpoints, official
 `.pth` files, `.bin` folders) is pickled PyTorch and goes through `mae.weights`. A full check of every tensor's shape
 happens where the weights are used (export, `train --init`, the torch engine).
@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mae.config import DECODER_PREFIXES
-from mae.errors import MAEError
-from mae.hf import convert_hf_state, hf_config, read_hf_config
+from .core.config import DECODER_PREFIXES
+from .core.errors import MAEError
+from .core.files import sha256_file
+from .core.hf import convert_hf_state, hf_config, read_hf_config
 
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -56,7 +57,6 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def hf_folder_summary(path: Path) -> dict[str, Any]:
     """The facts `mae.weights.weights_summary` gives, for a safetensors folder, from headers alone."""
-    from mae.files import sha256_file
 
     weights_file = safetensors_file(path)
     if weights_file is None:
@@ -91,9 +91,23 @@ def describe(path: str | os.PathLike, num_heads: int | None = None, decoder_num_
         summary = hf_folder_summary(path)
         print_weights_summary(summary)
         return summary
-    from mae.weights import describe_weights
-
     return describe_weights(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
+
+
+def describe_weights(
+    path: str | os.PathLike,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    *,
+    norm_pix_loss: bool | None = None,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Print what the weights are (rich tables) and return the same facts as `mae.weights.weights_summary`."""
+    from .weights import weights_summary  # PyTorch: pickled formats only, not on the safetensors path
+
+    summary = weights_summary(path, num_heads, decoder_num_heads, norm_pix_loss=norm_pix_loss)
+    print_weights_summary(summary, console)
+    return summary
 
 
 def _millions(count: int) -> str:

@@ -8,9 +8,7 @@ inputs, and its pooled features (cls token, mean of patch tokens) are compared w
 from __future__ import annotations
 
 import gc
-import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,37 +17,25 @@ from typing import Any
 
 import numpy as np
 
-from mae.config import PRESETS
-from mae.errors import MAEError
-from mae.files import atomic_write_text
-from mae.runtime import hardware
-from mae.runtime.bundle import Bundle, is_bundle
-from mae.runtime.engines.auto import GATE
-from mae.runtime.engines.base import Engine, create_engine
-from mae.runtime.masking import masking_from_noise, random_noise
-from mae.runtime.roofline import Peak, encoder_flops, measure_peaks
+from mae.core import hardware
+from mae.core.bundle import Bundle, is_bundle
+from mae.core.config import PRESETS
+from mae.core.errors import MAEError
+from mae.core.masking import masking_from_noise, random_noise
+from mae.core.numerics import cosine_rows, pooled
+
+from .bench_cache import save_rows
+from .engines import Engine, create_engine
+from .engines.auto import GATE
+from .engines.labels import ENGINE_SPECS
+from .engines.torch import torch_details
+from .roofline import Peak, encoder_flops, measure_peaks
+from .system import installed_engines
 
 BASELINE = "torch"
 MIN_ROUNDS = 3
 MAX_ROUNDS = 1000
 WARMUP_RUNS = 2
-# engine label -> (engine name, options). Labels are "NAME" or "NAME-VARIANT".
-ENGINE_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
-    "torch": ("torch", {"precision": "fp32", "device": "cpu"}),
-    "torch-bf16": ("torch", {"precision": "bf16", "device": "cpu"}),
-    "torch-cuda": ("torch", {"precision": "fp32", "device": "cuda"}),
-    "torch-cuda-fp16": ("torch", {"precision": "fp16", "device": "cuda"}),
-    "onnx": ("onnx", {"precision": "fp32"}),
-    "onnx-fp16": ("onnx", {"precision": "fp16"}),
-    "onnx-int8": ("onnx", {"precision": "int8"}),
-    "onnx-cpu": ("onnx", {"precision": "fp32", "provider": "cpu"}),
-    "onnx-cuda": ("onnx", {"precision": "fp32", "provider": "cuda"}),
-    "openvino": ("openvino", {"precision": "fp32"}),  # bf16 compute where the CPU has it (OpenVINO's choice)
-    "openvino-f32": ("openvino", {"precision": "fp32", "inference_precision": "f32"}),
-    "openvino-int8": ("openvino", {"precision": "int8"}),
-    "trt": ("trt", {"precision": "fp32"}),  # what `mae export --format trt` builds by default
-    "trt-fp16": ("trt", {"precision": "fp16"}),
-}
 GPU_LABELS = ("torch-cuda", "torch-cuda-fp16", "onnx-cuda", "trt", "trt-fp16")
 TABLE_COLUMNS = ("engine", "mask", "K", "img/s", "vs torch fp32", "cos cls", "cos mean", "t/t(mask 0)")
 TABLE_COLUMNS += ("GFLOP/s", "of peak")
@@ -91,7 +77,6 @@ def default_engines(
     where the bundle has an int8 graph: a preset's temporary bundle gets one), and with a CUDA GPU torch-cuda,
     torch-cuda-fp16, onnx-cuda and trt / trt-fp16 (engines built into the bundle). What is not given is looked up.
     """
-    from mae.runtime.system import installed_engines
 
     cpu = cpu or hardware.cpu_info()
     gpus = hardware.cuda_gpus() if gpus is None else gpus
@@ -105,8 +90,6 @@ def default_engines(
     if torch_cuda is None:
         torch_cuda = False
         if gpus and "torch" in packages:
-            from mae.runtime.engines.torch import torch_details
-
             torch_cuda = bool(torch_details()["cuda_available"])
     kind, bundle = _model_kind(model)
 
@@ -164,18 +147,6 @@ def describe_choice(labels: Sequence[str], left_out: Mapping[str, str]) -> str:
     return f"engines: {', '.join(labels)}" + (f"; left out: {left}" if left else "")
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of [N, D] arrays, in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(axis=1) / np.maximum(norms, 1e-30)
-
-
-def pooled(latent: np.ndarray) -> dict[str, np.ndarray]:
-    """latent [B, 1+K, D] -> {"cls": [B, D], "mean": [B, D]} (mean over patch tokens)."""
-    return {"cls": latent[:, 0], "mean": latent[:, 1:].mean(axis=1)}
-
-
 def timing_rounds(
     runners: dict[str, Any],
     budget_s: float,
@@ -223,11 +194,12 @@ def timing_rounds(
 
 
 @dataclass
-class _Prepared:
+class Prepared:
+    """What a benchmark runs: a bundle for the graph engines and weights for the PyTorch baseline."""
+
     bundle: str | None  # the bundle directory
     torch_source: str  # weights for the PyTorch baseline
     notes: list[str] = field(default_factory=list)
-    temp: tempfile.TemporaryDirectory | None = None
 
 
 def _runs_a_graph(label: str) -> bool:
@@ -235,42 +207,30 @@ def _runs_a_graph(label: str) -> bool:
     return ENGINE_SPECS[label][0] in ("onnx", "openvino")
 
 
-def _prepare_model(model: str, labels: Sequence[str], seed: int, progress: bool = False) -> _Prepared:
-    """A bundle (and baseline weights) for `model`: a bundle directory, weights, or a preset name (random weights
-    exported to a temporary bundle with fp32 and int8 graphs)."""
+def prepare_model(model: str, labels: Sequence[str]) -> Prepared:
+    """A bundle directory (its recorded source weights are the PyTorch baseline) or weights (torch engines only).
+    A preset name (random weights) is exported first by `mae.benchmark`, which needs PyTorch and the exporter."""
     needs_bundle = any(ENGINE_SPECS[label][0] != "torch" for label in labels)
-    if model in PRESETS:
-        from mae.export import export_bundle
-        from mae.runtime.engines.torch import save_random_weights
-
-        temp = tempfile.TemporaryDirectory(prefix="mae-bench-")
-        # The encoder alone: the benchmark times the embedding path.
-        checkpoint = save_random_weights(PRESETS[model], Path(temp.name) / f"{model}-random.pt", seed, decoder=False)
-        bundle = None
-        if needs_bundle:
-            graph_precisions = {ENGINE_SPECS[label][1]["precision"] for label in labels if _runs_a_graph(label)}
-            precisions = ["fp32"] + [p for p in ("fp16", "int8") if p in graph_precisions]
-            # Random weights: the export checks against PyTorch add minutes on big models and nothing here, as the
-            # benchmark compares every engine with PyTorch itself.
-            exported = export_bundle(
-                checkpoint, Path(temp.name) / "bundle", precisions=precisions, verify=False, progress=progress
-            )
-            bundle = str(exported.path)
-        return _Prepared(bundle, str(checkpoint), [f"{model}: random weights (seed {seed})"], temp)
     path = Path(model)
     if not path.exists():
         raise MAEError(f"{model} is neither a bundle, weights nor a preset.", hint=f"presets: {', '.join(PRESETS)}")
     if is_bundle(path):
-        return _Prepared(str(path), str(path))  # the torch engine loads the bundle's recorded source weights
+        return Prepared(str(path), str(path))  # the torch engine loads the bundle's recorded source weights
     if needs_bundle:
         raise MAEError(
             f"{path} is weights, and engines other than torch run an exported bundle.",
             hint=f"export it first (`mae export {path} --out BUNDLE`) and pass the bundle",
         )
-    return _Prepared(None, str(path))
+    return Prepared(None, str(path))
 
 
-def _create(label: str, prepared: _Prepared) -> Engine:
+def graph_precisions(labels: Sequence[str]) -> list[str]:
+    """The bundle precisions the graph engines among `labels` run (fp32 always: the bundle's base)."""
+    wanted = {ENGINE_SPECS[label][1]["precision"] for label in labels if _runs_a_graph(label)}
+    return ["fp32"] + [precision for precision in ("fp16", "int8") if precision in wanted]
+
+
+def _create(label: str, prepared: Prepared) -> Engine:
     name, options = ENGINE_SPECS[label]
     return create_engine(name, prepared.torch_source if name == "torch" else prepared.bundle, "encoder", **options)
 
@@ -301,7 +261,7 @@ def _on_cpu(engine: Engine) -> bool:
 
 
 def bench(
-    model: str = "mae_vit_base_patch16",
+    prepared: Prepared,
     engines: str | Sequence[str] | None = None,
     batch_size: int = 8,
     mask_ratios: Sequence[float] = (0.75, 0.0),
@@ -319,7 +279,7 @@ def bench(
     bundle) gets a row with `error` instead of numbers. peaks: from `measure_peaks` (measured here when None and
     `roofline`; roofline=False leaves peak_gflops and fraction_of_peak out).
     """
-    labels = default_engines(model)[0] if engines is None else parse_engines(engines)
+    labels = default_engines(prepared.bundle or prepared.torch_source)[0] if engines is None else parse_engines(engines)
     if BASELINE not in labels:
         labels.insert(0, BASELINE)
     if batch_size < 1:
@@ -327,18 +287,13 @@ def bench(
     for ratio in mask_ratios:
         if not 0.0 <= ratio < 1.0:
             raise MAEError(f"mask ratio {ratio} must be in [0, 1)")
-    prepared = _prepare_model(model, labels, seed, progress)
-    try:
-        if peaks is None:
-            peaks = measure_peaks()[0] if roofline else {}  # before the engines start their thread pools
-        return _bench(prepared, labels, batch_size, list(mask_ratios), seconds, seed, progress, dict(peaks))
-    finally:
-        if prepared.temp is not None:
-            prepared.temp.cleanup()
+    if peaks is None:
+        peaks = measure_peaks()[0] if roofline else {}  # before the engines start their thread pools
+    return _bench(prepared, labels, batch_size, list(mask_ratios), seconds, seed, progress, dict(peaks))
 
 
 def _bench(
-    prepared: _Prepared,
+    prepared: Prepared,
     labels: list[str],
     batch_size: int,
     mask_ratios: list[float],
@@ -499,48 +454,7 @@ def summary_lines(rows: list[dict[str, Any]], min_cosine: float = GATE) -> list[
     return lines
 
 
-def results_table(rows: list[dict[str, Any]], title: str):  # noqa: ANN201 - rich Table
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    columns = (
-        "engine",
-        "mask",
-        "K",
-        "img/s",
-        "vs torch fp32",
-        "cos cls",
-        "cos mean",
-        "t/t(mask 0)",
-        "GFLOP/s",
-        "of peak",
-    )
-    for name in columns:
-        table.add_column(name, justify="left" if name == "engine" else "right", no_wrap=name == "engine")
-    if any(row.get("below_gate") for row in rows):
-        table.caption = f"! pooled cosine below {GATE} (the int8 export's gate): not accurate enough to be picked"
-    for row in rows:
-        head = (row["engine"], f"{row['mask_ratio']:g}", str(row["kept"]))
-        if "error" in row:
-            table.add_row(*head, "[dim]not run[/dim]", "", "", "", "", "", "")
-            continue
-        speedup = row.get("time_vs_mask0")
-        fraction = row.get("fraction_of_peak")
-        mark = "[red]![/red] " if row.get("below_gate") else ""  # below the int8 gate: see the table's caption
-        table.add_row(
-            *head,
-            f"{row['images_per_s']:.1f}",
-            f"{row['ratio_vs_torch']:.2f}x",
-            f"{mark}{row['cosine_cls']:.6f}",
-            f"{mark}{row['cosine_mean']:.6f}",
-            "" if speedup is None else f"{speedup:.3f}",
-            _gflops_text(row["effective_gflops"]) if "effective_gflops" in row else "",
-            "" if fraction is None else f"{fraction:.0%} {row['peak_kind']}",
-        )
-    return table
-
-
-def _gflops_text(value: float) -> str:
+def gflops_text(value: float) -> str:
     """Three significant figures without exponents: 1234, 56.7, 0.0263 (tiny test models)."""
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
@@ -560,71 +474,5 @@ def remember(model: str, rows: list[dict[str, Any]]) -> Path | None:
     have no bundle to remember them by."""
     if not is_bundle(Path(model)):
         return None
-    from mae.runtime.bench_cache import save_rows
 
     return save_rows(Bundle.load(Path(model)), rows)
-
-
-def run_bench(
-    model: str = "mae_vit_base_patch16",
-    engines: str | None = None,
-    batch_size: int = 8,
-    mask_ratio: Sequence[float] = (0.75, 0.0),
-    seconds: float = 5.0,
-    json_out: Path | None = None,
-    roofline: bool = True,
-) -> list[dict[str, Any]]:
-    """`mae bench`: print the engines chosen, the peaks, the table (and the engines' descriptions); write JSON.
-
-    engines: None runs every engine that can run here, and says which were left out and why.
-    """
-    import os
-
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:  # piped or logged: no terminal width to fit, keep the table on one line per row
-        console = Console(width=120)
-    left_out: dict[str, str] = {}
-    if engines is None:
-        labels, left_out = default_engines(model)
-        console.print(describe_choice(labels, left_out), highlight=False)
-    else:
-        labels = parse_engines(engines)
-    peaks, missing = measure_peaks() if roofline else ({}, {})
-    if roofline:
-        console.print(peaks_line(peaks, missing), highlight=False)
-    rows = bench(model, labels, batch_size=batch_size, mask_ratios=mask_ratio, seconds=seconds, peaks=peaks)
-    stored = remember(model, rows)
-    title = f"Encoder throughput, {model}, batch {batch_size} (median of interleaved rounds)"
-    console.print(results_table(rows, title))
-    for line in summary_lines(rows):
-        console.print(line, highlight=False)
-    descriptions = dict.fromkeys(f"{r['engine']}: {r['description']}" for r in rows if "description" in r)
-    descriptions.update(dict.fromkeys(f"{r['engine']}: not run: {r['error']}" for r in rows if "error" in r))
-    for line in descriptions:
-        console.print(f"  {line}", highlight=False)
-    console.print(
-        f"  cos: minimum over the batch of the cosine between pooled features and PyTorch eager fp32; "
-        f"CPU threads available: {os.cpu_count()} (other jobs on the machine move absolute numbers; ratios travel)"
-    )
-    if roofline:
-        console.print(
-            "  GFLOP/s: encoder FLOPs per image (matrix products) x img/s; of peak: that over this CPU's peak GEMM of "
-            "the precision the engine computes in"
-        )
-    if stored is not None:
-        console.print(f"  stored for --engine auto on this machine: {stored}", highlight=False)
-    if json_out is not None:
-        payload = {
-            "model": model,
-            "batch_size": batch_size,
-            "engines_left_out": left_out,
-            "peaks": {kind: peak.to_dict() for kind, peak in peaks.items()},
-            "peaks_not_measured": missing,
-            "cpu": hardware.cpu_info().to_dict(),
-            "rows": rows,
-        }
-        atomic_write_text(Path(json_out), json.dumps(payload, indent=2) + "\n")
-        console.print(f"  results: {json_out}")
-    return rows

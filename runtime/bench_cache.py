@@ -19,7 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mae.files import cache_dir
+from mae.core import hardware
+from mae.core.files import atomic_write_text, cache_dir
 
 ENGINE_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "torch")
 
@@ -45,7 +46,6 @@ def bundle_key(bundle: Any) -> str:
 
 
 def machine(cpu: Any = None) -> dict[str, Any]:
-    from mae.runtime import hardware
 
     cpu = cpu or hardware.cpu_info()
     return {"cpu": cpu.model, "flags": sorted(cpu.flags), "threads": cpu.threads, "versions": _versions()}
@@ -62,7 +62,6 @@ def rows_path(bundle: Any, cpu: Any = None) -> Path:
 def save_rows(bundle: Any, rows: list[dict[str, Any]], cpu: Any = None) -> Path | None:
     """Store bench rows of `bundle` for this machine; None when the cache cannot be written (never an error: the
     measurement itself was printed)."""
-    from mae.files import atomic_write_text
 
     path = rows_path(bundle, cpu)
     payload = {

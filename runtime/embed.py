@@ -49,11 +49,20 @@ import numpy as np
 from PIL import Image
 
 from mae import __version__
-from mae.errors import MAEError, require
-from mae.files import free_bytes, sha256_file, size_text
-from mae.runtime.bundle import Bundle, Preprocessing, is_bundle
-from mae.runtime.embed_worker import DecodedChunk, DecodeTask, decode_chunk, init_worker, ready
-from mae.runtime.inputs import (
+from mae.core.bundle import Bundle, is_bundle
+from mae.core.errors import MAEError, require
+from mae.core.files import free_bytes, sha256_file, size_text
+from mae.core.integrity import verify_entry
+from mae.core.masking import full_ids_keep
+from mae.core.numerics import POOLS, l2_normalize, pool_tokens
+from mae.core.preprocess import Preprocessing
+
+from .embed_worker import DecodedChunk, DecodeTask, decode_chunk, init_worker, ready
+from .engines import create_engine
+from .engines.auto import choose
+from .engines.openvino import int8_model_path
+from .engines.torch import bundle_source
+from .inputs import (
     Inputs,
     ShardSpec,
     file_range,
@@ -63,18 +72,16 @@ from mae.runtime.inputs import (
     output_files_for,
     shard_spec,
 )
-from mae.runtime.integrity import verify_entry
-from mae.runtime.masking import full_ids_keep
-from mae.runtime.shards import (
+from .shards import (
     FAILURE_COLUMNS,
     METADATA_COLUMNS,
+    RUN_FILE,
     OutputFolder,
     ShardRows,
     atomic_write,
     params_checksum,
 )
 
-POOLS = ("cls", "mean", "cls+mean", "tokens")
 DTYPES = {"float32": np.float32, "float16": np.float16}
 STATIC_SHAPE_ENGINES = ("trt", "tensorrt", "openvino")
 SUMMARY_FORMAT = "mae-embeddings-summary"
@@ -89,26 +96,6 @@ class EmbedFailures(MAEError):
         self.summary = summary
 
 
-# ------------------------------------------------------------------------------------------------ pooling
-def pool_tokens(latent: np.ndarray, pool: str) -> np.ndarray:
-    """latent [B, 1+L, D] -> [B, D] (cls, mean), [B, 2D] (cls+mean) or [B, 1+L, D] (tokens)."""
-    if pool == "cls":
-        return latent[:, 0]
-    if pool == "mean":
-        return latent[:, 1:].mean(axis=1)
-    if pool == "cls+mean":
-        return np.concatenate([latent[:, 0], latent[:, 1:].mean(axis=1)], axis=-1)
-    if pool == "tokens":
-        return latent
-    raise MAEError(f"Unknown pooling {pool!r}", hint=f"use one of: {', '.join(POOLS)}")
-
-
-def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Unit length along the last axis; an all-zero vector stays zero."""
-    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return vectors / np.maximum(norms, eps)
-
-
 def embedding_shape(config: Any, pool: str) -> list[int]:
     """Shape of one image's embedding (without the row axis)."""
     width = config.embed_dim
@@ -121,18 +108,14 @@ def embedding_shape(config: Any, pool: str) -> list[int]:
 def model_checksum(model: str, engine_name: str, precision: str) -> str:
     """sha256 of what really runs, read in full (never a recorded value): the bundle's graph (for torch its source
     weights; for openvino int8 the NNCF model), or the weights. A bundle file that is not the one mae.json records
-    is refused here (`mae.runtime.integrity`), and resuming compares this with run.json's `model_sha256`."""
+    is refused here (`mae.core.integrity`), and resuming compares this with run.json's `model_sha256`."""
     path = Path(model)
     if is_bundle(path):
         bundle = Bundle.load(path)
         if engine_name == "torch":
-            from mae.runtime.engines.torch import bundle_source
-
             source = bundle_source(path, fresh=True)
             return _path_checksum(source) if source is not None else _path_checksum(bundle.graph("encoder", precision))
         if engine_name == "openvino" and precision == "int8":  # the NNCF model, not the ONNX Runtime graph
-            from mae.runtime.engines.openvino import int8_model_path
-
             int8_model_path(bundle, "encoder", fresh=True)  # an MAEError when the bundle has none or it changed
             return verify_entry(bundle.path, bundle.manifest["openvino"]["int8"]["encoder"], fresh=True)
         bundle.graph("encoder", precision, fresh=True)
@@ -154,8 +137,6 @@ def _path_checksum(path: Path) -> str:
 def _choose_auto(model: str, out: Path, precision: str | None) -> tuple[str, str | None, dict[str, Any], str]:
     """What `--engine auto` runs: on a resumed run the engine and precision its files were computed with (a
     measurement made since must not make the rest of the run differ), else `mae.runtime.engines.auto.choose`."""
-    from mae.runtime.engines.auto import choose
-    from mae.runtime.shards import RUN_FILE
 
     try:
         recorded = json.loads((out / RUN_FILE).read_text()).get("params", {})
@@ -590,8 +571,6 @@ def embed(
             print(auto_line, file=sys.stderr, flush=True)
     precision = precision or "fp32"
     if isinstance(engine, str):
-        from mae.runtime.engines import create_engine
-
         engine_name = engine
         # Hashed in full first (start and resume alike); the engine's own check then finds the hash cached.
         model_sha256 = model_checksum(model, engine_name, precision)

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mae.runtime.bundle import Preprocessing
-from mae.runtime.preprocess import ImageError, load_and_preprocess
+from mae.core.preprocess import ImageError, Preprocessing, load_and_preprocess
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mae.errors import MAEError
+from mae.core.errors import MAEError
 
 LIST_SUFFIXES = (".txt", ".lst", ".list", ".csv", ".tsv")
 

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mae.config import MAEConfig
-from mae.errors import MAEError
-from mae.files import atomic_write_bytes
-from mae.runtime.bundle import Bundle, Preprocessing, is_bundle
-from mae.runtime.engines.base import Engine, create_engine
-from mae.runtime.masking import Masking, masking_from_noise, random_noise
-from mae.runtime.visualize import (
+from mae.core.bundle import Bundle, is_bundle
+from mae.core.config import MAEConfig
+from mae.core.errors import MAEError
+from mae.core.files import atomic_write_bytes
+from mae.core.masking import Masking, masking_from_noise, random_noise
+from mae.core.preprocess import Preprocessing, load_and_preprocess, preprocess_image
+from mae.core.visualize import (
     NORM_PIX_NOTE,
     MaskedMetrics,
     Panels,
@@ -31,6 +31,10 @@ from mae.runtime.visualize import (
     masked_metrics,
     panels_picture,
 )
+
+from .engines import Engine, create_engine
+from .engines.auto import choose
+from .engines.torch import load_weights
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 ImageInput = str | os.PathLike | np.ndarray | Image.Image
@@ -120,7 +124,6 @@ def _resolve_model(model: Any, engine: str) -> _Model:
             f"The {engine} engine runs an exported bundle, and {path} is not one (no mae.json).",
             hint=f"export it first (`mae export {path} --out BUNDLE`) or add --engine torch",
         )
-    from mae.runtime.engines.torch import load_weights
 
     network, loaded = load_weights(path)
     if not loaded.has_decoder:
@@ -148,7 +151,6 @@ def resolve_auto(model: Any, engine: str, precision: str | None) -> tuple[str, s
     """(engine, precision, extra engine options, the line saying what auto chose) for reconstruction."""
     if engine != "auto":
         return engine, precision or "fp32", {}, None
-    from mae.runtime.engines.auto import choose
 
     if not isinstance(model, (str, os.PathLike)):  # an in-memory MaskedAutoencoder
         return "torch", precision or "fp32", {}, "engine auto: torch (an in-memory model)"
@@ -220,7 +222,6 @@ def load_noise(noise: str | os.PathLike | np.ndarray, count: int, length: int) -
 
 
 def _load_images(images: Sequence[ImageInput], pre: Preprocessing, resize: str | None):  # noqa: ANN202
-    from mae.runtime.preprocess import load_and_preprocess, preprocess_image
 
     names, sizes, arrays = [], [], []
     for index, image in enumerate(images):

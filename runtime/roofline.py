@@ -22,8 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from mae.config import MAEConfig
-from mae.runtime import hardware
+from mae.core import hardware
+from mae.core.config import MAEConfig
+
+from .engines.onnx import session_options
+from .engines.openvino import keep_signal_stack
+from .engines.torch import matmul_seconds
 
 PEAK_KINDS = ("fp32", "bf16", "int8")
 UNITS = {"fp32": "GFLOP/s", "bf16": "GFLOP/s", "int8": "GOP/s"}
@@ -112,8 +116,6 @@ def _input(kind: str, size: int) -> np.ndarray:
 def _onnxruntime_peak(kind: str, size: int, runs: int, num_threads: int | None) -> Peak:
     import onnxruntime as ort
 
-    from mae.runtime.engines.onnx import session_options
-
     session = ort.InferenceSession(
         _matmul_graph(kind, size).SerializeToString(),
         sess_options=session_options(ort, num_threads),  # the onnx engine's settings
@@ -128,8 +130,6 @@ def _onnxruntime_peak(kind: str, size: int, runs: int, num_threads: int | None) 
 def _openvino_bf16_peak(size: int, runs: int, num_threads: int | None) -> Peak:
     import onnx
     import openvino
-
-    from mae.runtime.engines.openvino import keep_signal_stack
 
     config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
     if num_threads:
@@ -146,7 +146,6 @@ def _openvino_bf16_peak(size: int, runs: int, num_threads: int | None) -> Peak:
 
 
 def _torch_bf16_peak(size: int, runs: int) -> Peak:
-    from mae.runtime.engines.torch import matmul_seconds
 
     seconds, version = matmul_seconds(size, "bf16", runs)
     return Peak("bf16", 2 * size**3 / seconds / 1e9, (size, size, size), f"torch {version} bf16 mm", runs)

@@ -15,7 +15,7 @@ the index). Failed inputs are therefore in neither, and `failures/` records each
 Every file is written to a temporary name in its folder, fsynced and renamed; the done marker comes last, so a
 shard without a valid marker is simply computed again, and nothing half-written is ever taken as finished. A marker
 is valid only if it names this run's parameters and inputs, its counts add up to the file's inputs and match the
-.npy header, and the files it lists have the recorded checksums. Temporaries are owner-tagged (`mae.files`): a run
+.npy header, and the files it lists have the recorded checksums. Temporaries are owner-tagged (`mae.core.files`): a run
 removes only those of dead processes, so two runs in one folder never delete each other's files.
 
 The plan: a worker with another N than the one run.json records is refused (0/2 and 1/3 together leave files to
@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from mae import __version__
-from mae.errors import MAEError, require
-from mae.files import (
+from mae.core.errors import MAEError, require
+from mae.core.files import (
     atomic_write,
     current_umask,
     faults,
@@ -155,7 +155,7 @@ class OutputFolder:
     def clean_temporaries(self, numbers: list[int]) -> int:
         """Remove temporary files that a killed run left for the shards `numbers`.
 
-        Only those of dead processes (`mae.files.remove_leftovers`): another run writing into the same folder
+        Only those of dead processes (`mae.core.files.remove_leftovers`): another run writing into the same folder
         keeps its in-flight files. Returns how many were removed.
         """
         removed = 0

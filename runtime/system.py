@@ -13,7 +13,11 @@ import platform
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mae.runtime import hardware
+from mae import __version__
+from mae.core import hardware
+
+from .engines.openvino import keep_signal_stack
+from .engines.torch import torch_details
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,6 @@ def _details(name: str) -> dict[str, Any]:
     if name == "openvino":
         import openvino
 
-        from mae.runtime.engines.openvino import keep_signal_stack
-
         with keep_signal_stack():  # the CPU plugin swaps this thread's signal stack (see the engine)
             core = openvino.Core()
             devices = list(core.available_devices)
@@ -84,16 +86,12 @@ def _details(name: str) -> dict[str, Any]:
         cpu_precision = to_string() if callable(to_string) else (None if precision is None else str(precision))
         return {"devices": devices, "cpu_inference_precision": cpu_precision}
     if name == "torch":
-        from mae.runtime.engines.torch import torch_details
-
         return torch_details()
     return {}
 
 
 def system_report() -> dict[str, Any]:
     """The CPU (model, ISA, int8 class, native bf16, threads), CUDA GPUs and installed engines, as plain data."""
-    import mae
-
     cpu = hardware.cpu_info()
     engines: dict[str, dict[str, Any]] = {}
     for name, version in installed_engines().items():
@@ -107,7 +105,7 @@ def system_report() -> dict[str, Any]:
         "engines": engines,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "toolkit_version": mae.__version__,
+        "toolkit_version": __version__,
     }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mae.config import get_preset
+from mae.core.config import get_preset
 
 
 @pytest.fixture(autouse=True, scope="session")

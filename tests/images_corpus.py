@@ -178,7 +178,7 @@ def tiny_model_files(base: Path) -> tuple[Path, Path]:
         import torch
 
         from mae.checkpoint import save_checkpoint
-        from mae.config import get_preset
+        from mae.core.config import get_preset
         from mae.export import export_bundle
         from mae.model import MaskedAutoencoder
 

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from cli_runner import run_cli
 
-from mae.config import get_preset
+from mae.checkpoint import save_random_weights
+from mae.core import hardware
+from mae.core.bundle import Bundle
+from mae.core.config import get_preset
 from mae.export import export_bundle
 from mae.export.onnx_bundle import Int8Options
-from mae.runtime import hardware
 from mae.runtime.bench_cache import load_rows, save_rows
-from mae.runtime.bundle import Bundle
 from mae.runtime.engines import create_engine
 from mae.runtime.engines.auto import choose
-from mae.runtime.engines.torch import save_random_weights
 
 AMD_ZEN3 = hardware.CpuInfo("AMD EPYC 7B13 64-Core Processor", frozenset({"avx2", "fma"}), "x86_64", 2)
 SAPPHIRE_RAPIDS = hardware.CpuInfo(

@@ -11,23 +11,22 @@ import numpy as np
 import pytest
 import torch
 
+from mae.benchmark import bench
 from mae.checkpoint import save_checkpoint
-from mae.config import get_preset
-from mae.errors import MAEError
+from mae.core.config import get_preset
+from mae.core.errors import MAEError
+from mae.core.hardware import CpuInfo, GpuSummary, cpu_info
+from mae.core.numerics import cosine_rows, pooled
 from mae.model import MaskedAutoencoder
 from mae.runtime.bench import (
-    bench,
-    cosine_rows,
     default_engines,
     describe_choice,
     parse_engines,
     peak_kind,
     peaks_line,
-    pooled,
     summary_lines,
     timing_rounds,
 )
-from mae.runtime.hardware import CpuInfo, GpuSummary, cpu_info
 from mae.runtime.roofline import PEAK_KINDS, Peak, encoder_flops, measure_peaks
 
 AVX2_ONLY = CpuInfo("AMD EPYC 7B13 64-Core Processor", frozenset({"avx2", "fma"}), "x86_64", 2)
@@ -157,7 +156,7 @@ def test_cli_help_lists_every_engine():
     from typer.testing import CliRunner
 
     from mae.cli import app
-    from mae.runtime.bench import ENGINE_SPECS
+    from mae.runtime.engines.labels import ENGINE_SPECS
 
     result = CliRunner().invoke(app, ["bench", "--help"], terminal_width=200)
     assert result.exit_code == 0
@@ -193,7 +192,8 @@ def test_rows_below_the_gate_are_flagged():
     """As `mae export` refuses int8 below 0.999, the bench marks such a row wherever it shows it."""
     from rich.console import Console
 
-    from mae.runtime.bench import results_table, row_line
+    from mae.benchmark import results_table
+    from mae.runtime.bench import row_line
 
     good = {"engine": "onnx", "mask_ratio": 0.0, "kept": 16, "images_per_s": 50.0, "ratio_vs_torch": 2.0}
     good.update(cosine_cls=1.0, cosine_mean=1.0, below_gate=False)

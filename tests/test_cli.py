@@ -114,9 +114,9 @@ def test_info_on_a_bundle_needs_no_torch(tmp_path) -> None:
     """`mae info BUNDLE` reads mae.json and the graphs' metadata: no PyTorch import (it took seconds)."""
     import textwrap
 
-    from mae.config import get_preset
+    from mae.checkpoint import save_random_weights
+    from mae.core.config import get_preset
     from mae.export import export_bundle
-    from mae.runtime.engines.torch import save_random_weights
 
     weights = save_random_weights(get_preset("mae_vit_test_patch8"), tmp_path / "w.pt")
     bundle = export_bundle(weights, tmp_path / "bundle", verify=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mae.errors import MAEError
+from mae.core.errors import MAEError
 from mae.model import patchify, unpatchify
 from mae.pos_embed import sincos_2d
 from mae.weights import load_model

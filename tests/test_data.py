@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from mae.core.errors import MAEError
+from mae.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from mae.data import (
     CROP_RATIO,
     CROP_SCALE,
@@ -26,8 +28,6 @@ from mae.data import (
     sample_rng,
     split_holdout,
 )
-from mae.errors import MAEError
-from mae.runtime.bundle import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
 @pytest.fixture(scope="module")

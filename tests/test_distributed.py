@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from mae.checkpoint import load_checkpoint
+from mae.core.errors import MAEError
 from mae.distributed import init_distributed
-from mae.errors import MAEError
 from mae.train import TrainOptions, run_training
 
 PRESET = "mae_vit_test_patch8"

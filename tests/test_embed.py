@@ -14,9 +14,11 @@ import pytest
 from images_corpus import decode_or_crash, gradient_rgb, tiny_model_files, write_corpus
 from PIL import Image
 
-from mae.errors import MAEError
-from mae.runtime.bundle import Bundle
-from mae.runtime.embed import Decoder, EmbedFailures, embed, l2_normalize, pool_tokens
+from mae.core.bundle import Bundle
+from mae.core.errors import MAEError
+from mae.core.numerics import l2_normalize, pool_tokens
+from mae.core.preprocess import load_and_preprocess
+from mae.runtime.embed import Decoder, EmbedFailures, embed
 from mae.runtime.embed_worker import DecodeTask
 from mae.runtime.inputs import (
     ShardSpec,
@@ -26,7 +28,6 @@ from mae.runtime.inputs import (
     output_files_for,
     shard_spec,
 )
-from mae.runtime.preprocess import load_and_preprocess
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from mae.checkpoint import save_checkpoint
-from mae.errors import MAEError
+from mae.core.errors import MAEError
+from mae.core.masking import full_ids_keep, masking_from_noise, random_noise
 from mae.model import MaskedAutoencoder
 from mae.runtime.engines import create_engine
 from mae.runtime.engines.base import check_inputs
 from mae.runtime.engines.onnx import resolve_providers
 from mae.runtime.engines.openvino import split_batch
-from mae.runtime.masking import full_ids_keep, masking_from_noise, random_noise
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -27,7 +27,7 @@ TRT = "TensorrtExecutionProvider"
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     """A random mae_vit_test_patch8 exported (fp32 + int8) by the real exporter, with its checkpoint."""
-    from mae.config import get_preset
+    from mae.core.config import get_preset
     from mae.export import export_bundle
 
     folder = tmp_path_factory.mktemp("engines")
@@ -40,7 +40,7 @@ def tiny_bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def photo_batch(tiny_bundle, real_photos):
     """[N, 3, 32, 32] normalized real photos, through the shared preprocessing."""
-    from mae.runtime.preprocess import preprocess_image
+    from mae.core.preprocess import preprocess_image
 
     return np.stack([preprocess_image(photo, tiny_bundle.preprocessing) for photo in real_photos])
 

@@ -16,17 +16,17 @@ from cli_runner import run_cli
 from images_corpus import tiny_hf_config
 
 from mae.checkpoint import save_checkpoint
-from mae.config import MAEConfig
-from mae.errors import MAEError
+from mae.core.bundle import Bundle
+from mae.core.config import MAEConfig
+from mae.core.errors import MAEError
+from mae.core.files import sha256_file
+from mae.core.masking import masking_from_noise, random_noise
 from mae.export import export_bundle
 from mae.export.graphs import FORBIDDEN_OPS, check_opset, export_graph, op_types
 from mae.export.metadata import read_metadata
 from mae.export.onnx_bundle import Int8Options
 from mae.export.verify import VerificationError
-from mae.files import sha256_file
 from mae.model import MaskedAutoencoder
-from mae.runtime.bundle import Bundle
-from mae.runtime.masking import masking_from_noise, random_noise
 
 
 def make_model(config: MAEConfig, seed: int = 0, decoder: bool = True) -> MaskedAutoencoder:
@@ -41,7 +41,7 @@ def make_model(config: MAEConfig, seed: int = 0, decoder: bool = True) -> Masked
 
 @pytest.fixture(scope="module")
 def tiny_model() -> MaskedAutoencoder:
-    from mae.config import get_preset
+    from mae.core.config import get_preset
 
     return make_model(get_preset("mae_vit_test_patch8"))
 
@@ -265,7 +265,7 @@ def test_norm_pix_loss_and_squash_are_recorded(tmp_path: Path, tiny_model: Maske
     (tmp_path / "bundle").mkdir()  # an empty directory is fine to export into
     bundle = export_bundle(path, tmp_path / "bundle", resize="squash", verify=False)
     assert bundle.norm_pix_loss and bundle.preprocessing.resize == "squash"
-    from mae.files import current_umask
+    from mae.core.files import current_umask
 
     # Ordinary permissions, not those of the private staging directory / temporary files.
     assert (bundle.path.stat().st_mode & 0o777) == 0o777 & ~current_umask()
@@ -341,7 +341,7 @@ def test_huggingface_round_trip_matches_transformers(tmp_path: Path, real_photos
     bundle = export_bundle(folder, tmp_path / "bundle")
     assert bundle.manifest["source"]["format"] == "huggingface" and bundle.config.layer_norm_eps == 1e-12
 
-    from mae.runtime.preprocess import preprocess_image
+    from mae.core.preprocess import preprocess_image
 
     pixels = np.stack([preprocess_image(photo, bundle.preprocessing) for photo in real_photos[:3]])
     noise = random_noise(3, bundle.config.num_patches, seed=7)

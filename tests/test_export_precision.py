@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from mae.checkpoint import save_checkpoint
-from mae.config import get_preset
-from mae.errors import MAEError
+from mae.core.bundle import Bundle
+from mae.core.config import get_preset
+from mae.core.errors import MAEError
+from mae.core.files import sha256_file
+from mae.core.masking import masking_from_noise, random_noise
 from mae.export import export_bundle
 from mae.export import verify as verify_module
 from mae.export.precision import FP32_ISLANDS, topological_sort
 from mae.export.verify import TOLERANCES, Tolerance, VerificationError, reference_pixels
-from mae.files import sha256_file
 from mae.model import MaskedAutoencoder
-from mae.runtime.bundle import Bundle
-from mae.runtime.masking import masking_from_noise, random_noise
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 

@@ -1,6 +1,6 @@
 """What the CPU can do decides bf16 and int8: fake CPUs (AVX2-only Zen 3, Sapphire Rapids, ...) stand in for real ones.
 
-`mae.runtime.hardware.cpu_info` is monkeypatched, so every check runs on whichever CPU the tests land on.
+`mae.core.hardware.cpu_info` is monkeypatched, so every check runs on whichever CPU the tests land on.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 from cli_runner import run_cli
 
 from mae.checkpoint import save_checkpoint
-from mae.config import get_preset
-from mae.errors import MAEError
+from mae.core import hardware
+from mae.core.config import get_preset
+from mae.core.errors import MAEError
+from mae.core.hardware import CpuInfo, parse_cpuinfo, require_native_bf16
 from mae.model import MaskedAutoencoder
-from mae.runtime import hardware
 from mae.runtime.engines import create_engine
-from mae.runtime.hardware import CpuInfo, parse_cpuinfo, require_native_bf16
 
 ZEN3 = CpuInfo(
     "AMD EPYC 7B13 64-Core Processor",
@@ -160,7 +160,8 @@ def test_torch_engine_bf16_follows_the_cpu(on_cpu, weights):
 
 
 def test_bench_leaves_emulated_bf16_out(on_cpu, weights):
-    from mae.runtime.bench import bench, default_engines
+    from mae.benchmark import bench
+    from mae.runtime.bench import default_engines
 
     on_cpu(ZEN3)
     rows = bench(str(weights), "torch-bf16", batch_size=1, mask_ratios=[0.5], seconds=0.0, progress=False, peaks={})

@@ -17,19 +17,19 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from mae.errors import MAEError
+from mae.checkpoint import save_random_weights
+from mae.core import hardware
+from mae.core.bundle import Bundle
+from mae.core.errors import MAEError
+from mae.core.files import sha256_file
+from mae.core.masking import masking_from_noise, random_noise
 from mae.export import export_bundle
 from mae.export.calibration import SHIPPED, held_out_count, load_calibration
 from mae.export.onnx_bundle import Int8Options
 from mae.export.precision import INT8_WEIGHT_LIMIT, check_int8_weight_range
 from mae.export.verify import reference_pixels
-from mae.files import sha256_file
-from mae.runtime import hardware
-from mae.runtime.bundle import Bundle
 from mae.runtime.engines import base as engines_base
 from mae.runtime.engines import create_engine
-from mae.runtime.engines.torch import save_random_weights
-from mae.runtime.masking import masking_from_noise, random_noise
 
 openvino = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -42,7 +42,7 @@ SAPPHIRE_RAPIDS = hardware.CpuInfo(
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mae.config import get_preset
+    from mae.core.config import get_preset
 
     # 192 wide, 6 blocks: the tiny test preset (32 wide) is too small for static int8 ranges to reach the gate.
     folder = tmp_path_factory.mktemp("int8")
@@ -164,9 +164,9 @@ def test_int8_engines_on_a_capped_isa(bundle: Bundle, weights: Path) -> None:
     script = textwrap.dedent(
         f"""
         import json, numpy as np
-        from mae.runtime import hardware
+        from mae.core import hardware
         from mae.runtime.engines import create_engine
-        from mae.runtime.masking import masking_from_noise, random_noise
+        from mae.core.masking import masking_from_noise, random_noise
         from mae.export.verify import reference_pixels
         engine = create_engine("openvino", {str(bundle.path)!r}, precision="int8")
         reference = create_engine("torch", {str(weights)!r})
@@ -302,7 +302,7 @@ def test_onnx_int8_is_exact_on_real_avx2_kernels(tmp_path: Path) -> None:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from mae.config import get_preset
+    from mae.core.config import get_preset
 
     qemu = shutil.which("qemu-x86_64")
     if qemu is None or hardware.cpu_info().machine != "x86_64":

@@ -20,8 +20,8 @@ from fs_faults import fill, run_mae, tmpfs, without_permission_override
 from images_corpus import assert_same_output
 from PIL import Image
 
-from mae.errors import MAEError
-from mae.files import FolderLock, cached_sha256, fault, owner_tag, sha256_file
+from mae.core.errors import MAEError
+from mae.core.files import FolderLock, cached_sha256, fault, owner_tag, sha256_file
 from mae.runtime.embed import embed
 
 BATCH, SHARD_SIZE = 4, 4
@@ -35,7 +35,7 @@ def _model(base: Path, seed: int) -> tuple[Path, Path]:
         import torch
 
         from mae.checkpoint import save_checkpoint
-        from mae.config import get_preset
+        from mae.core.config import get_preset
         from mae.export import export_bundle
         from mae.model import MaskedAutoencoder
 

@@ -15,11 +15,11 @@ import pytest
 from cli_runner import run_cli
 from images_corpus import tiny_hf_config, tiny_model_files
 
-from mae.config import MAEConfig
-from mae.errors import MAEError
-from mae.runtime import onnx_metadata
-from mae.runtime.bundle import Bundle
-from mae.runtime.onnx_metadata import check_graph_metadata, read_metadata_props
+from mae.core import onnx_metadata
+from mae.core.bundle import Bundle
+from mae.core.config import MAEConfig
+from mae.core.errors import MAEError
+from mae.core.onnx_metadata import check_graph_metadata, read_metadata_props
 from mae.weights import load_weights
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mae.config import PRESETS, MAEConfig, get_preset
-from mae.errors import MAEError
+from mae.core import masking as np_masking
+from mae.core.config import PRESETS, MAEConfig, get_preset
+from mae.core.errors import MAEError
 from mae.model import (
     MaskedAutoencoder,
     masking_from_noise,
@@ -20,7 +21,6 @@ from mae.model import (
     unpatchify,
 )
 from mae.pos_embed import resize_pos_embed, sincos_2d
-from mae.runtime import masking as np_masking
 
 
 @pytest.fixture

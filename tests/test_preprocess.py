@@ -9,10 +9,10 @@ import pytest
 from images_corpus import write_corpus
 from PIL import Image
 
-from mae.errors import MAEError
-from mae.runtime.bundle import Preprocessing
-from mae.runtime.preprocess import (
+from mae.core.errors import MAEError
+from mae.core.preprocess import (
     ImageError,
+    Preprocessing,
     denormalize,
     load_and_preprocess,
     load_image,

@@ -12,18 +12,18 @@ import torch
 from PIL import Image
 
 from mae.checkpoint import save_checkpoint
-from mae.config import get_preset
-from mae.errors import MAEError
-from mae.model import MaskedAutoencoder
-from mae.runtime.masking import masking_from_noise, random_noise
-from mae.runtime.reconstruct import reconstruct
-from mae.runtime.visualize import (
+from mae.core.config import get_preset
+from mae.core.errors import MAEError
+from mae.core.masking import masking_from_noise, random_noise
+from mae.core.visualize import (
     NORM_PIX_NOTE,
     build_panels,
     masked_metrics,
     reconstruction_panels,
     target_patches,
 )
+from mae.model import MaskedAutoencoder
+from mae.runtime.reconstruct import reconstruct
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -136,7 +136,7 @@ def test_picture_layout():
 # ------------------------------------------------------------------------------------------- reconstruct
 def test_reconstruct_equals_the_models_forward(tiny_bundle, photo_files, tmp_path):
     """Same images and noise file: the engines' arrays are MaskedAutoencoder.forward's (HF-style `noise`)."""
-    from mae.runtime.preprocess import load_and_preprocess
+    from mae.core.preprocess import load_and_preprocess
     from mae.weights import load_model
 
     noise = random_noise(len(photo_files), 16, 7)

@@ -14,8 +14,11 @@ import pytest
 import torch
 
 from mae.checkpoint import save_checkpoint
-from mae.config import get_preset
-from mae.errors import MAEError
+from mae.core.bundle import Bundle
+from mae.core.config import get_preset
+from mae.core.engine_files import check_engine_compatible, engine_file, engine_sidecar_path, load_sidecar
+from mae.core.errors import MAEError
+from mae.core.files import sha256_file
 from mae.export import export_bundle
 from mae.export import tensorrt as trt_export
 from mae.export.tensorrt import (
@@ -23,17 +26,11 @@ from mae.export.tensorrt import (
     ShapeRange,
     build_engine,
     build_plan,
-    check_engine_compatible,
-    engine_file,
-    engine_sidecar_path,
-    load_sidecar,
     make_sidecar,
     onnx_graph_inputs,
     profile_shapes,
 )
-from mae.files import sha256_file
 from mae.model import MaskedAutoencoder
-from mae.runtime.bundle import Bundle
 
 CONFIG = get_preset("mae_vit_test_patch8")  # L = 16, D = 32, K at mask 0.75 = 4
 ENCODER_INPUTS = [("pixel_values", ["batch", 3, 32, 32]), ("ids_keep", ["batch", "kept"])]

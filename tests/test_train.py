@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from mae.checkpoint import load_checkpoint
-from mae.config import get_preset
+from mae.core.config import get_preset
+from mae.core.errors import MAEError
 from mae.data import find_images, split_holdout
-from mae.errors import MAEError
 from mae.model import MaskedAutoencoder
 from mae.train import (
     TrainOptions,

@@ -18,9 +18,9 @@ from fs_faults import fill, run_mae, tmpfs, without_permission_override
 from PIL import Image
 
 from mae.checkpoint import load_checkpoint
-from mae.config import get_preset
-from mae.errors import MAEError
-from mae.files import FileSystemFault, FolderLock, owner_tag
+from mae.core.config import get_preset
+from mae.core.errors import MAEError
+from mae.core.files import FileSystemFault, FolderLock, owner_tag
 from mae.model import MaskedAutoencoder
 from mae.train import TrainOptions, run_training
 
@@ -151,7 +151,7 @@ def test_folders_without_write_permission(images, tmp_path, monkeypatch, capsys)
 
     message = error_of(resumed.stdout + resumed.stderr)  # epoch 2 trained, its checkpoint written, not its preview
     assert resumed.returncode == 2
-    # (mae.files names the temporary .epoch_0002.png.OWNER.RANDOM.tmp that mkstemp could not create, or the file)
+    # (mae.core.files names the temporary .epoch_0002.png.OWNER.RANDOM.tmp that mkstemp could not create, or the file)
     assert f"Cannot write {run / 'previews'}/" in message and "epoch_0002.png" in message
     assert "permission denied" in message
     assert f"{run / 'checkpoint.pt'} (epoch 2.000, optimizer step 6), is intact: --resume continues" in message
@@ -270,7 +270,7 @@ def test_bad_hyper_parameters_in_python(images, tmp_path) -> None:
 # ---------------------------------------------------------------------------------------- unreadable inputs
 @pytest.fixture
 def broken_weights(tmp_path) -> dict[str, Path]:
-    from mae.runtime.engines.torch import save_random_weights
+    from mae.checkpoint import save_random_weights
 
     whole = save_random_weights(get_preset(PRESET), tmp_path / "whole.pt").read_bytes()
     files = {"empty": b"", "truncated": whole[: len(whole) // 2], "text": b"hello, I am not a checkpoint\n"}
@@ -296,7 +296,7 @@ def test_unreadable_weights_say_why(broken_weights, images, tmp_path, monkeypatc
 
 
 def test_a_noise_file_that_is_no_npy_array(images, tmp_path, monkeypatch, capsys) -> None:
-    from mae.runtime.engines.torch import save_random_weights
+    from mae.checkpoint import save_random_weights
 
     weights = save_random_weights(get_preset(PRESET), tmp_path / "w.pt")
     (tmp_path / "garbage.npy").write_bytes(bytes(range(256)) * 4)

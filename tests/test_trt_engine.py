@@ -17,24 +17,23 @@ import numpy as np
 import pytest
 import torch
 
-from mae.config import get_preset
-from mae.errors import MAEError
-from mae.export.tensorrt import SIDECAR_FORMAT
+from mae.core.bundle import Bundle
+from mae.core.config import get_preset
+from mae.core.engine_files import SIDECAR_FORMAT, check_engine_source, engine_file_path
+from mae.core.errors import MAEError
+from mae.core.masking import masking_from_noise, random_noise
+from mae.core.preprocess import Preprocessing
 from mae.model import MaskedAutoencoder
-from mae.runtime.bundle import Bundle, Preprocessing
 from mae.runtime.engines import create_engine
 from mae.runtime.engines import trt as trt_engine
 from mae.runtime.engines.trt import (
     TensorSpec,
-    check_engine_source,
     check_io,
     check_profile,
-    engine_file_path,
     gpu_name,
     host_array,
     parse_cuda_device,
 )
-from mae.runtime.masking import masking_from_noise, random_noise
 
 TRT_VERSION = "10.9.0"
 ENCODER_SHA = "a" * 64
@@ -350,8 +349,8 @@ def test_without_tensorrt_the_error_names_the_extra(tmp_path, tiny_model, monkey
 def test_what_is_missing_comes_before_how_to_build(tmp_path, tiny_model, monkeypatch):
     """A bundle without engines on a machine without TensorRT or a GPU: the message names what is missing, and
     does not send the user to `mae export --format trt`, which would refuse for the same reason."""
+    from mae.checkpoint import save_random_weights
     from mae.export import export_bundle
-    from mae.runtime.engines.torch import save_random_weights
 
     weights = save_random_weights(tiny_model.cfg, tmp_path / "w.pt", decoder=False)
     bundle = export_bundle(weights, tmp_path / "bundle", verify=False)
@@ -378,8 +377,8 @@ def tensorrt_usable() -> bool:
 @pytest.mark.skipif(not tensorrt_usable(), reason="needs TensorRT and a CUDA GPU")
 def test_real_engines_match_torch(tmp_path, real_photos):
     from mae.checkpoint import save_checkpoint
+    from mae.core.preprocess import preprocess_image
     from mae.export.tensorrt import run_tensorrt_export
-    from mae.runtime.preprocess import preprocess_image
     from mae.runtime.reconstruct import reconstruct
 
     config = get_preset("mae_vit_test_patch8")

@@ -15,10 +15,11 @@ import torch
 from images_corpus import tiny_hf_config
 
 from mae.checkpoint import load_checkpoint, safe_torch_load, save_checkpoint
-from mae.config import MAEConfig
-from mae.errors import MAEError
+from mae.core.config import MAEConfig
+from mae.core.errors import MAEError
 from mae.model import MaskedAutoencoder, count_parameters, random_noise
-from mae.weights import describe_weights, load_model, load_weights, weights_summary
+from mae.weights import load_model, load_weights, weights_summary
+from mae.weights_info import describe_weights
 
 
 @pytest.fixture

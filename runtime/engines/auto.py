@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mae.errors import MAEError
+from mae.core import hardware
+from mae.core.bundle import Bundle, is_bundle
+from mae.core.errors import MAEError
+
+from ..bench_cache import load_rows
+from .labels import ENGINE_SPECS
 
 GATE = 0.999  # least pooled cosine vs PyTorch fp32 (cls and mean), as the int8 export gate
 PURPOSES = {"embed": 0.0, "reconstruct": 0.75}  # purpose -> the mask ratio whose speed matters
@@ -82,8 +87,6 @@ def _trt_engine_precisions(bundle: Any, part: str) -> list[str]:
 
 def choose(model: Any, purpose: str = "embed", precision: str | None = None, cpu: Any = None) -> Choice:
     """The engine `auto` means for `model` (a bundle directory, or weights: then torch) and `purpose`."""
-    from mae.runtime import hardware
-    from mae.runtime.bundle import Bundle, is_bundle
 
     if purpose not in PURPOSES:
         raise MAEError(f"Unknown purpose {purpose!r}", hint=f"use one of: {', '.join(PURPOSES)}")
@@ -144,8 +147,6 @@ def choose(model: Any, purpose: str = "embed", precision: str | None = None, cpu
 
 def _from_measurement(bundle: Any, purpose: str, precision: str | None, cpu: Any) -> Choice | None:
     """The fastest gated engine of this machine's stored `mae bench` rows for this bundle, if any."""
-    from mae.runtime.bench import ENGINE_SPECS
-    from mae.runtime.bench_cache import load_rows
 
     stored = load_rows(bundle, cpu)
     if not stored:

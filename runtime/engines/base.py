@@ -1,4 +1,4 @@
-"""The engine protocol and the factory.
+"""The engine protocol, and the checks every engine shares (inputs, bundles, precisions).
 
 An engine runs ONE graph ("encoder" or "decoder") of a model:
 
@@ -10,13 +10,14 @@ Outputs are float32 numpy arrays whatever the engine's internal precision.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from mae.errors import MAEError
+from mae.core import hardware
+from mae.core.bundle import PRECISIONS, Bundle, is_bundle
+from mae.core.errors import MAEError
 
 ENGINE_NAMES = ("auto", "onnx", "trt", "torch", "openvino")
 INPUT_NAMES = {"encoder": ("pixel_values", "ids_keep"), "decoder": ("latent", "ids_restore")}
@@ -30,51 +31,6 @@ class Engine(Protocol):
     description: str  # what really runs it, e.g. "onnxruntime 1.32 CPUExecutionProvider fp32"
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-def _engine_class(name: str) -> type:
-    if name == "onnx":
-        from mae.runtime.engines.onnx import OnnxEngine
-
-        return OnnxEngine
-    if name in ("trt", "tensorrt"):
-        from mae.runtime.engines.trt import TensorRTEngine
-
-        return TensorRTEngine
-    if name == "torch":
-        from mae.runtime.engines.torch import TorchEngine
-
-        return TorchEngine
-    if name == "openvino":
-        from mae.runtime.engines.openvino import OpenVINOEngine
-
-        return OpenVINOEngine
-    raise MAEError(f"Unknown engine {name!r}", hint=f"choose one of: {', '.join(ENGINE_NAMES)}")
-
-
-def create_engine(name: str, model: object, part: str = "encoder", **options: object) -> Engine:
-    """Engine `name` for graph `part` of `model` (a bundle directory; the torch engine also takes weights).
-
-    options: precision ("fp32"|"fp16"|"int8"; torch also "bf16"), provider (onnx), device (torch, trt),
-    num_threads, ... Options set to None are left at the engine's default, and an option that this engine does not
-    have (say `provider` for torch) is dropped, so one set of command-line options can feed every engine.
-    name "auto": the engine `mae.runtime.engines.auto.choose` picks for this machine (embedding for the encoder,
-    reconstruction for the decoder; precision None lets it choose); the engine's `auto_choice` says what and why.
-    """
-    if part not in INPUT_NAMES:
-        raise MAEError(f"Unknown graph {part!r}: use encoder or decoder")
-    if name == "auto":
-        from mae.runtime.engines.auto import choose
-
-        choice = choose(model, "embed" if part == "encoder" else "reconstruct", options.pop("precision", None))
-        engine = create_engine(
-            choice.engine, model, part, **{**options, "precision": choice.precision, **choice.options}
-        )
-        engine.auto_choice = choice
-        return engine
-    engine_class = _engine_class(name)
-    accepted = inspect.signature(engine_class).parameters
-    return engine_class(model, part, **{k: v for k, v in options.items() if v is not None and k in accepted})
 
 
 def check_inputs(part: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,7 +69,6 @@ def warn_int8_cpu(bundle: object, engine: str) -> None:
     The int8 graphs are made so that their integer arithmetic is exact on every x86 class (see
     `mae.export.precision`), so this is a note, not a refusal; a bundle from before that records no CPU at all.
     """
-    from mae.runtime import hardware
 
     here = hardware.cpu_info()
     record = bundle.manifest.get("int8") or {}
@@ -140,7 +95,6 @@ def warn_int8_cpu(bundle: object, engine: str) -> None:
 
 def check_graph_precision(precision: str, engine: str) -> None:
     """Bundles hold fp32, fp16 and int8 graphs; say where bf16 lives instead of "no bf16 graph"."""
-    from mae.runtime.bundle import PRECISIONS
 
     if precision not in PRECISIONS:
         raise MAEError(
@@ -150,11 +104,9 @@ def check_graph_precision(precision: str, engine: str) -> None:
         )
 
 
-def load_bundle(model: object, engine: str):  # noqa: ANN201 - returns mae.runtime.bundle.Bundle
+def load_bundle(model: object, engine: str):  # noqa: ANN201 - returns mae.core.bundle.Bundle
     """The bundle `model` points at, or an MAEError that says weights need exporting (or the torch engine)."""
     from pathlib import Path
-
-    from mae.runtime.bundle import Bundle, is_bundle
 
     path = Path(str(model))
     if not path.exists():

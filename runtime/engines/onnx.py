@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mae.errors import MAEError, require
-from mae.runtime.engines.base import (
+from mae.core.errors import MAEError, require
+
+from .base import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     check_graph_precision,

@@ -1,7 +1,7 @@
 """OpenVINO engine on the bundle's ONNX graph, or on its OpenVINO int8 model (NNCF-quantized IR) for int8.
 
 Inference precision follows the hardware: bf16 where the CPU has bf16 instructions (AMX-BF16, AVX512-BF16), else
-f32, decided by `mae.runtime.hardware` and set explicitly (OpenVINO's own choice ignores ONEDNN_MAX_CPU_ISA and then
+f32, decided by `mae.core.hardware` and set explicitly (OpenVINO's own choice ignores ONEDNN_MAX_CPU_ISA and then
 fails to compile for a capped ISA). Asking for bf16 on a CPU without it is refused: it would be emulated.
 
 For throughput (see ANCHORS.md) each distinct input shape gets its own statically shaped compiled model (cached),
@@ -19,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mae.errors import MAEError, require
-from mae.runtime.engines.base import (
+from mae.core import hardware
+from mae.core.errors import MAEError, require
+from mae.core.integrity import verify_entry
+
+from .base import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     check_graph_precision,
@@ -28,7 +31,6 @@ from mae.runtime.engines.base import (
     load_bundle,
     warn_int8_cpu,
 )
-from mae.runtime.integrity import verify_entry
 
 INFERENCE_PRECISIONS = {"auto": None, "bf16": "bf16", "f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16"}
 MAX_COMPILED_SHAPES = 8  # static-shape compilations kept (each holds its own copy of the weights)
@@ -54,7 +56,6 @@ def _type_name(value: object) -> str:
 
 def inference_precision_for(requested: str, cpu: object | None = None) -> str:
     """OpenVINO's INFERENCE_PRECISION_HINT for `requested` (auto, bf16, f32, ...) on this CPU."""
-    from mae.runtime import hardware
 
     if requested not in INFERENCE_PRECISIONS:
         raise MAEError(f"Unknown OpenVINO inference precision {requested!r}", hint="use auto, bf16 or f32")
@@ -79,7 +80,7 @@ def compile_options(
     return options
 
 
-def int8_model_path(bundle: object, part: str, fresh: bool = False) -> Path:  # bundle: mae.runtime.bundle.Bundle
+def int8_model_path(bundle: object, part: str, fresh: bool = False) -> Path:  # bundle: mae.core.bundle.Bundle
     """The bundle's OpenVINO int8 model (IR) for `part`, or an MAEError saying how to make one."""
     entry = ((bundle.manifest.get("openvino") or {}).get("int8") or {}).get(part)
     if not entry:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mae.errors import MAEError
-from mae.runtime import hardware
-from mae.runtime.engines.base import OUTPUT_NAMES, check_inputs
-from mae.runtime.integrity import verify_source
+from mae.core import hardware
+from mae.core.bundle import Bundle, is_bundle
+from mae.core.errors import MAEError
+from mae.core.integrity import verify_source
+
+from .base import OUTPUT_NAMES, check_inputs
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -33,8 +35,6 @@ def resolve_device(torch, device: str) -> str:  # noqa: ANN001 - the torch modul
 
 def bundle_source(model: object, fresh: bool = False) -> Path | None:
     """A bundle's recorded source weights, or None when `model` is not a bundle."""
-    from mae.runtime.bundle import Bundle, is_bundle
-
     if not is_bundle(Path(str(model))):
         return None
     bundle = Bundle.load(Path(str(model)))
@@ -54,19 +54,6 @@ def load_weights(path: str | Path):  # noqa: ANN201 - (MaskedAutoencoder, Loaded
     from mae.weights import load_model
 
     return load_model(Path(path), device="cpu")
-
-
-def save_random_weights(config, path: str | Path, seed: int = 0, decoder: bool = True) -> Path:  # noqa: ANN001
-    """A checkpoint of a freshly initialized model (benchmarks of presets), seeded for repeatable numbers."""
-    import torch
-
-    from mae.checkpoint import save_checkpoint
-    from mae.model import MaskedAutoencoder
-
-    torch.manual_seed(seed)
-    network = MaskedAutoencoder(config, decoder=decoder)
-    save_checkpoint(path, network.state_dict(), config)
-    return Path(path)
 
 
 def torch_details() -> dict[str, object]:

@@ -13,12 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from mae.errors import MAEError
-from mae.runtime.engines.base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle
-from mae.runtime.integrity import verify_file
+from mae.core.engine_files import (
+    check_engine_compatible,
+    check_engine_source,
+    engine_file_path,
+    load_sidecar,
+)
+from mae.core.errors import MAEError
+from mae.core.integrity import verify_file
+
+from .base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle
 
 EXTRA = "tensorrt"
-ENGINE_PRECISIONS = ("fp32", "fp16")  # what `mae export --format trt` builds
 # TensorRT DataType names -> numpy dtypes for host buffers. BF16 / FP8 / INT4 I/O have no numpy type.
 NUMPY_DTYPES = {
     "FLOAT": np.float32,
@@ -51,42 +57,6 @@ def parse_cuda_device(device: str | int | None) -> int:
     if device.startswith("cuda:") and device[5:].isdigit():
         return int(device[5:])
     raise MAEError(f"The trt engine runs on a CUDA GPU, not {device!r}.", hint="use --device cuda or cuda:N")
-
-
-def engine_file_path(manifest: dict[str, Any], bundle_dir: Path, part: str, precision: str) -> Path:
-    """The engine file of `part` at `precision` listed in mae.json, with errors that say what to do."""
-    if precision not in ENGINE_PRECISIONS:
-        raise MAEError(
-            f"TensorRT engines are {' or '.join(ENGINE_PRECISIONS)}, not {precision}.",
-            hint="for int8 use the onnx engine with the bundle's int8 graph",
-        )
-    engines = manifest.get("engines") or {}
-    entry = (engines.get(precision) or {}).get(part)
-    if entry is None:
-        have = sorted(p for p, parts in engines.items() if part in (parts or {}))
-        built = f"it has {part} engines for: {', '.join(have)}" if have else "it has no TensorRT engines"
-        raise MAEError(
-            f"The bundle {bundle_dir} has no {precision} TensorRT {part} engine ({built}).",
-            hint=f"build one on this machine: mae export {bundle_dir} --format trt --precision {precision}",
-        )
-    engine_path = bundle_dir / entry["file"]
-    if not engine_path.is_file():
-        hint = f"mae export {bundle_dir} --format trt --precision {precision}"
-        raise MAEError(f"{engine_path} is listed in mae.json but missing.", hint=hint)
-    return engine_path
-
-
-def check_engine_source(sidecar: dict[str, Any], manifest: dict[str, Any], part: str, engine_path: Path) -> None:
-    """An engine built from an ONNX graph that has since been re-exported would run the old weights."""
-    onnx_entry = sidecar.get("onnx") or {}
-    graph = manifest.get("graphs", {}).get(onnx_entry.get("precision", "fp32"), {}).get(part, {})
-    built_from, current = onnx_entry.get("sha256"), graph.get("sha256")
-    if built_from and current and built_from != current:
-        raise MAEError(
-            f"{engine_path.name} was built from an earlier {graph.get('file', 'ONNX graph')} (the bundle was "
-            "re-exported since): it would run the old weights.",
-            hint=f"rebuild it: mae export {engine_path.parent} --format trt --precision {sidecar.get('precision')}",
-        )
 
 
 def gpu_name(raw: bytes | str) -> str:
@@ -226,8 +196,6 @@ class TensorRTEngine:
         # What this machine lacks comes first: how to build an engine is no help where none can be built.
         trt, cudart = _require_tensorrt_and_gpu(self.device_index)
         engine_path = engine_file_path(self.bundle.manifest, self.bundle.path, part, precision)
-        from mae.export.tensorrt import check_engine_compatible, load_sidecar
-
         sidecar = load_sidecar(engine_path)
         check_engine_source(sidecar, self.bundle.manifest, part, engine_path)
         verify_file(engine_path, sidecar.get("sha256"), self.bundle.path)  # the plan file that was built and checked

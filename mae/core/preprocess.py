@@ -31,16 +31,19 @@ import os
 import struct
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mae.errors import MAEError
-from mae.runtime.bundle import Preprocessing
+from .config import is_number, is_whole_number, shown
+from .errors import MAEError
 
 RESIZE_MODES = ("center", "squash")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 WHITE = (255, 255, 255)
 # EXIF orientations 5-8 transpose the picture: width and height swap.
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -48,6 +51,68 @@ EXIF_ORIENTATION_TAG = 0x0112
 
 ImageSize = tuple[int, int]  # (width, height)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    size: int  # model input side
+    resize: str = "center"  # "center": shorter side to size / crop_pct, centre crop; "squash": straight to size
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "resize": self.resize,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "pre-processing settings", hint: str | None = None) -> Preprocessing:
+        """Pre-processing from a JSON object (mae.json's `preprocessing`, an ONNX graph's `mae.preprocessing`);
+        keys left out take their defaults, a wrong value is one MAEError naming `source` and the key."""
+
+        interpolations = ("bicubic",)  # what mae.core.preprocess resizes with
+
+        def wrong(key: str, expected: str) -> MAEError:
+            return MAEError(f"{source}: preprocessing.{key} must be {expected}, got {shown(data[key])}.", hint=hint)
+
+        if not isinstance(data, dict):
+            raise MAEError(f"{source}: preprocessing must be a JSON object, got {shown(data)}.", hint=hint)
+        if "size" not in data:
+            raise MAEError(f"{source}: preprocessing.size (the model's input side, pixels) is missing.", hint=hint)
+        data = {"resize": "center", "crop_pct": 0.875, "interpolation": "bicubic", **data}
+        data.setdefault("mean", list(IMAGENET_MEAN))
+        data.setdefault("std", list(IMAGENET_STD))
+        if not is_whole_number(data["size"]) or data["size"] < 1:
+            raise wrong("size", "a positive whole number (pixels)")
+        if not isinstance(data["resize"], str) or data["resize"] not in RESIZE_MODES:
+            raise wrong("resize", " or ".join(map(repr, RESIZE_MODES)))
+        if not is_number(data["crop_pct"]) or not 0 < data["crop_pct"] <= 1:
+            raise wrong("crop_pct", "a number in (0, 1]")
+        if not isinstance(data["interpolation"], str) or data["interpolation"] not in interpolations:
+            raise wrong("interpolation", " or ".join(map(repr, interpolations)))
+        for key, positive in (("mean", False), ("std", True)):
+            values = data[key]
+            if not (
+                isinstance(values, (list, tuple))
+                and len(values) == 3
+                and all(is_number(v) and (v > 0 or not positive) for v in values)
+            ):
+                raise wrong(key, f"3 {'positive ' if positive else ''}numbers (one per RGB channel)")
+        return cls(
+            size=int(data["size"]),
+            resize=data["resize"],
+            crop_pct=float(data["crop_pct"]),
+            interpolation=data["interpolation"],
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+        )
 
 
 class ImageError(MAEError):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mae.runtime.patches import normalize_patches, patchify, unpatchify
+from .patches import normalize_patches, patchify, unpatchify
 
 DEFAULT_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 NORM_PIX_NOTE = "norm_pix_loss: each predicted patch de-normalized with the input patch's own mean and std"

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mae.errors import MAEError
+from .errors import MAEError
 
 
 class Masking(NamedTuple):

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mae.config import ACTIVATIONS, MAEConfig, config_problems, shown, type_problem
-from mae.errors import MAEError
+from .config import ACTIVATIONS, MAEConfig, config_problems, shown, type_problem
+from .errors import MAEError
 
 # Hugging Face `hidden_act` values we can run, and the activation each one is.
 HF_ACTIVATIONS = {

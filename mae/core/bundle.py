@@ -27,84 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mae import __version__
-from mae.config import MAEConfig
-from mae.errors import MAEError
-from mae.files import atomic_write_text
-from mae.runtime.integrity import verify_entry
-from mae.runtime.onnx_metadata import check_graph_metadata
+from .. import __version__
+from .config import MAEConfig, is_whole_number, shown
+from .errors import MAEError
+from .files import atomic_write_text
+from .integrity import verify_entry
+from .onnx_metadata import check_graph_metadata
+from .preprocess import Preprocessing
 
 BUNDLE_FILE = "mae.json"
 FORMAT = "mae-bundle"
 FORMAT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = ("fp32", "fp16", "int8")
 PARTS = ("encoder", "decoder")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    size: int  # model input side
-    resize: str = "center"  # "center": shorter side to size / crop_pct, centre crop; "squash": straight to size
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "resize": self.resize,
-            "crop_pct": self.crop_pct,
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "pre-processing settings", hint: str | None = None) -> Preprocessing:
-        """Pre-processing from a JSON object (mae.json's `preprocessing`, an ONNX graph's `mae.preprocessing`);
-        keys left out take their defaults, a wrong value is one MAEError naming `source` and the key."""
-        from mae.config import is_number, is_whole_number, shown
-        from mae.runtime.preprocess import RESIZE_MODES  # (preprocess imports this module)
-
-        interpolations = ("bicubic",)  # what mae.runtime.preprocess resizes with
-
-        def wrong(key: str, expected: str) -> MAEError:
-            return MAEError(f"{source}: preprocessing.{key} must be {expected}, got {shown(data[key])}.", hint=hint)
-
-        if not isinstance(data, dict):
-            raise MAEError(f"{source}: preprocessing must be a JSON object, got {shown(data)}.", hint=hint)
-        if "size" not in data:
-            raise MAEError(f"{source}: preprocessing.size (the model's input side, pixels) is missing.", hint=hint)
-        data = {"resize": "center", "crop_pct": 0.875, "interpolation": "bicubic", **data}
-        data.setdefault("mean", list(IMAGENET_MEAN))
-        data.setdefault("std", list(IMAGENET_STD))
-        if not is_whole_number(data["size"]) or data["size"] < 1:
-            raise wrong("size", "a positive whole number (pixels)")
-        if not isinstance(data["resize"], str) or data["resize"] not in RESIZE_MODES:
-            raise wrong("resize", " or ".join(map(repr, RESIZE_MODES)))
-        if not is_number(data["crop_pct"]) or not 0 < data["crop_pct"] <= 1:
-            raise wrong("crop_pct", "a number in (0, 1]")
-        if not isinstance(data["interpolation"], str) or data["interpolation"] not in interpolations:
-            raise wrong("interpolation", " or ".join(map(repr, interpolations)))
-        for key, positive in (("mean", False), ("std", True)):
-            values = data[key]
-            if not (
-                isinstance(values, (list, tuple))
-                and len(values) == 3
-                and all(is_number(v) and (v > 0 or not positive) for v in values)
-            ):
-                raise wrong(key, f"3 {'positive ' if positive else ''}numbers (one per RGB channel)")
-        return cls(
-            size=int(data["size"]),
-            resize=data["resize"],
-            crop_pct=float(data["crop_pct"]),
-            interpolation=data["interpolation"],
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
-        )
 
 
 @dataclass
@@ -131,7 +66,7 @@ class Bundle:
 
     def graph(self, part: str, precision: str = "fp32", fresh: bool = False) -> Path:
         """Path of `part` ("encoder" | "decoder") at `precision`, with a clear error when absent or when its files
-        are not those mae.json records (`mae.runtime.integrity`; `fresh=True` hashes them again in full)."""
+        are not those mae.json records (`mae.core.integrity`; `fresh=True` hashes them again in full)."""
         if not self.has_graph(part, precision):
             if part == "decoder" and not self.has_decoder:
                 raise MAEError(
@@ -177,7 +112,6 @@ class Bundle:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:
             raise MAEError(f"Cannot read {manifest_path}: {exc}", hint="re-run `mae export`") from exc
-        from mae.config import is_whole_number, shown
 
         # Every value mae reads is checked here, so a hand-edited or foreign manifest fails as one line naming the
         # key, never later as a Python error or as every image failing (a 2-value mean broke each decode).

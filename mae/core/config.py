@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mae.errors import MAEError
+from .errors import MAEError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 

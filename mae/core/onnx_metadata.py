@@ -20,11 +20,11 @@ import os
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from mae.config import MAEConfig, shown
-from mae.errors import MAEError
+from .config import MAEConfig, shown
+from .errors import MAEError
 
 if TYPE_CHECKING:
-    from mae.runtime.bundle import Bundle
+    from .bundle import Bundle
 
 PREFIX = "mae."
 METADATA_PROPS = 14  # ModelProto.metadata_props: repeated StringStringEntryProto {key = 1, value = 2}

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from mae.errors import MAEError
+from .errors import MAEError
 
 # errno -> (cause, remedy). The remedy says what to do; the path is named by the message itself.
 _CAUSES: dict[int, tuple[str, str]] = {

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from mae.errors import MAEError
+from .errors import MAEError
 
 # The flags that change what runs fast or right here, in the order they are reported.
 ISA_FLAGS = (

@@ -5,7 +5,7 @@ a cut download or a re-export into the source checkpoint (continued training) wo
 
 - `verify_entry(bundle, entry, what)` checks a graph entry (`file`, and its `external_data` or OpenVINO
   `weights`) when an engine opens it. The hash is remembered by (device, inode, size, mtime, ctime) in the user
-  cache (`mae.files.cached_sha256`), so a second open costs a `stat`; `fresh=True` (an embedding job's start and
+  cache (`mae.core.files.cached_sha256`), so a second open costs a `stat`; `fresh=True` (an embedding job's start and
   every resume) always reads the whole file.
 - `verify_source(bundle, fresh)` checks the weights a bundle was exported from before the torch engine loads them.
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mae.errors import MAEError
-from mae.files import cached_sha256
-from mae.hf import HF_WEIGHT_FILES
+from .errors import MAEError
+from .files import cached_sha256
+from .hf import HF_WEIGHT_FILES
 
 
 def _short(digest: str) -> str:
