@@ -184,6 +184,14 @@ def test_options_an_engine_lacks_are_dropped(tiny_bundle):
     assert "CPUExecutionProvider" in engine.description and "1 threads" in engine.description
 
 
+def test_an_option_no_engine_has_is_refused(tiny_bundle):
+    """A misspelt option used to vanish silently (it was dropped like an option another engine has)."""
+    for name in ("onnx", "torch", "auto"):
+        with pytest.raises(MAEError, match="No engine has the option.*num_thread\\b") as info:
+            create_engine(name, tiny_bundle.path, num_thread=2)
+        assert "num_threads" in info.value.hint
+
+
 @pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
 def test_provider_fallback_is_reported(tiny_bundle, monkeypatch):
     """When ONNX Runtime cannot start the asked-for provider it runs on CPU; the engine warns and says so."""
