@@ -11,7 +11,7 @@ pipeline over the folder with the same engine object, batch size and pooling. Ea
 two A's around it, which cancels a steady drift of a shared machine; the median of those ratios is the number
 that travels (goal: >= 0.85). The per-stage split (decode in the workers, inference, writing, time the engine
 waited for images) says where the rest went. Decode and inference share the CPU, so on a 2-core machine the
-ceiling is about 1 / (1/engine + 1/decode) (ANCHORS.md).
+ceiling is about 1 / (1/engine + 1/decode).
 """
 
 from __future__ import annotations

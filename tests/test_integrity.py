@@ -1,6 +1,7 @@
 """Issue 15: what runs is what was verified; shard plans; concurrent runs; file-system faults as messages.
 
-Each test here failed on the code before: see the numbered points of the issue in each docstring.
+Each test failed before these were built; its docstring names the fault (numbered as in the list of faults found
+when operators' bad days were tried on purpose).
 """
 
 from __future__ import annotations

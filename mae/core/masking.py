@@ -46,11 +46,6 @@ def random_noise(batch: int, length: int, seed: int | None = None) -> np.ndarray
     return np.random.default_rng(seed).random((batch, length), dtype=np.float32)
 
 
-def monotone_noise(batch: int, length: int) -> np.ndarray:
-    """[B, L] arange noise: all patches kept in spatial order at mask 0 (feature extraction)."""
-    return np.broadcast_to(np.arange(length, dtype=np.float32), (batch, length)).copy()
-
-
 def full_ids_keep(batch: int, length: int) -> np.ndarray:
     """ids_keep for unmasked features: arange(L) per image."""
     return np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()

@@ -1,10 +1,9 @@
 """Image files -> the normalized float32 `pixel_values` the graphs take. Numpy + Pillow only.
 
-Steps, as DESIGN.md "Pre-processing" (and timm / torchvision's eval transform, to the last digit for a fully decoded
-image):
+Steps (those of timm / torchvision's eval transform, to the last digit for a fully decoded image):
 
 1. decode; a JPEG is decoded at a reduced DCT scale (Pillow `draft`) when the reduced image is still at least as
-   large as the resize target, so the bicubic step still only downsamples (2-4x faster decode, see ANCHORS.md);
+   large as the resize target, so the bicubic step still only downsamples (2-4x faster decode of a typical photo);
    `draft=False` decodes at full size and matches torchvision bit for bit;
 2. EXIF orientation applied;
 3. RGB. Grayscale is replicated; 16-bit grayscale (`I;16*`, `I`) is scaled to 8 bits with rounding (v / 257)
