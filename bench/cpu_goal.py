@@ -36,6 +36,7 @@ from mae.core.masking import masking_from_noise, random_noise
 from mae.core.numerics import cosine_rows, pooled
 from mae.export import export_bundle
 from mae.export.verify import reference_pixels
+from mae.reports.export import ExportSpinner
 from mae.runtime.bench import timing_rounds
 from mae.runtime.engines import create_engine
 from mae.runtime.engines.openvino import split_batch
@@ -124,7 +125,7 @@ def main() -> None:
         if args.bundle is None:
             weights = save_random_weights(get_preset(args.model), temp_dir / "weights.pt", seed=0, decoder=False)
             print("exporting a bundle with fp32 + int8 (calibrated on the shipped photos) ...", flush=True)
-            bundle = export_bundle(weights, temp_dir / "bundle", precisions=("fp32", "int8"), progress=True)
+            bundle = export_bundle(weights, temp_dir / "bundle", precisions=("fp32", "int8"), progress=ExportSpinner())
         else:
             bundle = Bundle.load(args.bundle)
             weights = bundle.source_path()

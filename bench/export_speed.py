@@ -28,6 +28,7 @@ from mae.core.masking import masking_from_noise, random_noise
 from mae.export import export_bundle
 from mae.export.verify import reference_pixels
 from mae.model import MaskedAutoencoder
+from mae.reports.export import ExportSpinner
 
 MASK_RATIOS = (0.75, 0.0)
 
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
         weights = Path(folder) / "vit_b16_encoder.pt"
         save_checkpoint(weights, model.state_dict(), config)
         started = time.perf_counter()
-        bundle = export_bundle(weights, Path(folder) / "bundle", precisions=("fp32", "fp16", "int8"), progress=True)
+        bundle = export_bundle(
+            weights, Path(folder) / "bundle", precisions=("fp32", "fp16", "int8"), progress=ExportSpinner()
+        )
         total_export = time.perf_counter() - started
         verification = bundle.manifest["verification"]
         files = {p: bundle.manifest["graphs"][p]["encoder"]["bytes"] for p in ("fp32", "fp16", "int8")}

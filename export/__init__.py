@@ -1,7 +1,7 @@
 """mae.export: weights -> a verified ONNX bundle (+ TensorRT engines).
 
-Importing this package is cheap and torch-free: the runtime imports `mae.export.tensorrt` for its pure engine
-compatibility checks. The functions below import the exporter (and torch) when called.
+Importing this package is cheap and torch-free (`mae export --help`, `mae info`); the functions below import the
+exporter (and torch) when called.
 """
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mae.core.bundle import is_bundle
+from mae.core.bundle import GRAPH_PRECISIONS, is_bundle
+from mae.core.engine_files import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB, ENGINE_PRECISIONS
 from mae.core.errors import MAEError
 
 if TYPE_CHECKING:
     from mae.core.bundle import Bundle
 
+    from .progress import ExportProgress
+
 
 @dataclass(frozen=True)
-class ExportFormat:
+class FormatSpec:
     """One row of the format table that drives option checks, aliases and file names."""
 
     name: str
@@ -30,13 +33,13 @@ class ExportFormat:
 
 
 EXPORT_FORMATS = (
-    ExportFormat("onnx", (), ("fp32", "fp16", "int8"), ".onnx", "weights (or a bundle, to add a precision)"),
-    ExportFormat("tensorrt", ("trt", "engine"), ("fp32", "fp16"), ".engine", "a bundle, or weights (exported first)"),
+    FormatSpec("onnx", (), GRAPH_PRECISIONS, ".onnx", "weights (or a bundle, to add a precision)"),
+    FormatSpec("tensorrt", ("trt", "engine"), ENGINE_PRECISIONS, ".engine", "a bundle, or weights (exported first)"),
 )
 
 
-def resolve_format(name: str) -> ExportFormat:
-    name = str(getattr(name, "value", name)).lower()
+def resolve_format(name: str) -> FormatSpec:
+    name = name.lower()
     for entry in EXPORT_FORMATS:
         if name == entry.name or name in entry.aliases:
             return entry
@@ -56,7 +59,7 @@ def export_bundle(
     **options: Any,
 ) -> Bundle:
     """Export weights to a verified ONNX bundle; see `mae.export.onnx_bundle.export_bundle`."""
-    from .onnx_bundle import export_bundle as _export_bundle
+    from .onnx_bundle import export_bundle as _export_bundle  # torch and the exporter: `import mae.export` stays light
 
     return _export_bundle(weights, out_dir, precisions, opset, num_heads, decoder_num_heads, verify, resize, **options)
 
@@ -69,34 +72,78 @@ def default_out_dir(weights: Path) -> Path:
 
 def run_export(
     weights: Path,
-    format: Any = "onnx",
+    format: str = "onnx",
     out: Path | None = None,
-    precision: Any = "fp32",
+    precision: str = "fp32",
     opset: int | None = None,
     num_heads: int | None = None,
     decoder_num_heads: int | None = None,
-    max_batch: int = 64,
+    max_batch: int = DEFAULT_MAX_BATCH,
     opt_batch: int | None = None,
-    workspace: float = 4.0,
+    workspace: float = DEFAULT_WORKSPACE_GIB,
     calibration: Path | None = None,
     calibration_count: int | None = None,
     int8_min_cosine: float | None = None,
-    **_: Any,
+    progress: ExportProgress | None = None,
 ) -> Bundle:
-    """`mae export`: check the options against the format table, export, and print what was written."""
+    """`mae export`: check the options against the format table, export, and return the bundle written.
+
+    progress: told each step and note (`mae.export.progress.ExportProgress`); None says nothing.
+    """
     weights = Path(weights)
+    target = _check_options(weights, format, precision, calibration, calibration_count, int8_min_cosine)
+    out_dir = Path(out) if out is not None else default_out_dir(weights)
+    if target.name == "tensorrt":
+        from .tensorrt import run_tensorrt_export  # loaded when an export runs: `import mae.export` stays light
+
+        return run_tensorrt_export(
+            weights,
+            out_dir,
+            precision=precision,
+            opset=opset,
+            num_heads=num_heads,
+            decoder_num_heads=decoder_num_heads,
+            max_batch=max_batch,
+            opt_batch=opt_batch,
+            workspace_gib=workspace,
+            progress=progress,
+        )
+
+    # Loaded when an export runs (onnx_bundle imports torch): `import mae.export` stays light.
+    from .calibration import DEFAULT_COUNT
+    from .onnx_bundle import Int8Options  # (as above)
+
+    return export_bundle(
+        weights,
+        out_dir,
+        precisions=(precision,),
+        opset=opset,
+        num_heads=num_heads,
+        decoder_num_heads=decoder_num_heads,
+        progress=progress,
+        int8=Int8Options(calibration, calibration_count or DEFAULT_COUNT, int8_min_cosine),
+    )
+
+
+def _check_options(
+    weights: Path,
+    format: str,
+    precision: str,
+    calibration: Path | None,
+    calibration_count: int | None,
+    int8_min_cosine: float | None,
+) -> FormatSpec:
+    """The format asked for, once the weights exist and the options suit it (before anything slow)."""
     if not weights.exists():
         raise MAEError(
             f"{weights} does not exist.", hint="pass a checkpoint, an official MAE .pth, a HF ViTMAE dir or a bundle"
         )
     target = resolve_format(format)
-    precision = str(getattr(precision, "value", precision))
     if precision not in target.precisions:
         raise MAEError(
             f"--format {target.name} does not take --precision {precision}.",
             hint=f"{target.name} precisions: {', '.join(target.precisions)}",
         )
-    out_dir = Path(out) if out is not None else default_out_dir(weights)
     int8_options = [
         name
         for name, value in (
@@ -115,39 +162,7 @@ def run_export(
             f"--calibration {calibration} does not exist.",
             hint="pass a folder of images, a text file of paths or a glob; leave it out to use the shipped photos",
         )
-
-    if target.name == "tensorrt":
-        from .tensorrt import run_tensorrt_export  # loaded when an export runs: `import mae.export` stays light
-
-        return run_tensorrt_export(
-            weights,
-            out_dir,
-            precision=precision,
-            opset=opset,
-            num_heads=num_heads,
-            decoder_num_heads=decoder_num_heads,
-            max_batch=max_batch,
-            opt_batch=opt_batch,
-            workspace_gib=workspace,
-        )
-
-    # Loaded when an export runs (onnx_bundle imports torch): `import mae.export` stays light.
-    from .calibration import DEFAULT_COUNT
-    from .info import print_export_summary  # (as above)
-    from .onnx_bundle import Int8Options  # (as above)
-
-    bundle = export_bundle(
-        weights,
-        out_dir,
-        precisions=(precision,),
-        opset=opset,
-        num_heads=num_heads,
-        decoder_num_heads=decoder_num_heads,
-        progress=True,
-        int8=Int8Options(calibration, calibration_count or DEFAULT_COUNT, int8_min_cosine),
-    )
-    print_export_summary(bundle)
-    return bundle
+    return target
 
 
-__all__ = ["EXPORT_FORMATS", "ExportFormat", "default_out_dir", "export_bundle", "resolve_format", "run_export"]
+__all__ = ["EXPORT_FORMATS", "FormatSpec", "default_out_dir", "export_bundle", "resolve_format", "run_export"]

@@ -16,6 +16,7 @@ import onnx
 import torch
 from torch import nn
 
+from mae.core.bundle import INPUT_NAMES, OUTPUT_NAMES, no_decoder_error
 from mae.core.errors import MAEError
 from mae.model import MaskedAutoencoder
 
@@ -32,11 +33,6 @@ MAX_BATCH = 65536  # upper bound of the symbolic batch axis; ONNX itself records
 FORBIDDEN_OPS = frozenset(
     {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "TopK"}
 )
-
-GRAPH_IO = {
-    "encoder": (("pixel_values", "ids_keep"), ("latent",)),
-    "decoder": (("latent", "ids_restore"), ("pred",)),
-}
 
 
 class EncoderGraph(nn.Module):
@@ -107,7 +103,7 @@ def export_graph(model: MaskedAutoencoder, part: str, opset: int = DEFAULT_OPSET
         dynamic_shapes: dict = {"pixel_values": {0: batch_dim}, "ids_keep": {0: batch_dim, 1: kept_dim}}
     elif part == "decoder":
         if not model.has_decoder:
-            raise MAEError("These weights have no decoder, so there is no decoder graph to export.")
+            raise no_decoder_error("The model")
         module = DecoderGraph(model)
         latent = torch.randn(sizes.batch, 1 + sizes.kept, cfg.embed_dim, generator=generator)  # [B, 1+K, D]
         ids_restore = torch.stack([torch.randperm(length, generator=generator) for _ in range(sizes.batch)])
@@ -117,7 +113,7 @@ def export_graph(model: MaskedAutoencoder, part: str, opset: int = DEFAULT_OPSET
     else:
         raise MAEError(f"Unknown graph {part!r}: use encoder or decoder")
 
-    input_names, output_names = GRAPH_IO[part]
+    input_names, output_names = INPUT_NAMES[part], OUTPUT_NAMES[part]
     module.eval()
     try:
         with quiet("torch", "onnxscript", "onnx_ir"), torch.no_grad():  # their DEBUG floods logs and tests

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,11 @@ import onnx
 import torch
 
 from mae import __version__
-from mae.core.bundle import FORMAT, FORMAT_VERSION, PRECISIONS, Bundle, is_bundle
-from mae.core.config import MAEConfig
+from mae.core.bundle import FORMAT, FORMAT_VERSION, GRAPH_PRECISIONS, NO_DECODER_NOTE, Bundle, is_bundle
 from mae.core.errors import MAEError
 from mae.core.files import FolderLock, current_umask, faults, make_dirs, remove_leftovers, sha256_file, temporary_name
 from mae.core.hardware import cpu_info
-from mae.core.preprocess import Preprocessing
+from mae.core.preprocess import RESIZE_MODES, Preprocessing
 from mae.model import MaskedAutoencoder
 from mae.weights import LoadedWeights, load_model
 
@@ -42,7 +41,7 @@ from .graphs import (
 )
 from .metadata import graph_metadata, set_metadata
 from .precision import INT8_METHOD, check_int8_weight_range, quantize_int8, quantize_openvino_int8, to_fp16
-from .progress import Steps
+from .progress import ExportProgress
 from .verify import (
     TOLERANCES,
     Tolerance,
@@ -54,7 +53,6 @@ from .verify import (
     verify_openvino_model,
 )
 
-RESIZE_POLICIES = ("center", "squash")
 OPENVINO_INT8_FILE = "encoder.int8.xml"  # + encoder.int8.bin: the NNCF-quantized OpenVINO model
 # Above this many bytes of weights a graph keeps them in "<file>.data" beside it: protobuf cannot hold 2 GiB.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -106,9 +104,8 @@ def _check_precisions(precisions: Any) -> list[str]:
         precisions = (precisions,)
     wanted = []
     for precision in precisions:
-        precision = str(getattr(precision, "value", precision))
-        if precision not in PRECISIONS:
-            raise MAEError(f"Unknown precision {precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
+        if precision not in GRAPH_PRECISIONS:
+            raise MAEError(f"Unknown precision {precision!r}", hint=f"use one of: {', '.join(GRAPH_PRECISIONS)}")
         if precision not in wanted:
             wanted.append(precision)
     if not wanted:
@@ -137,21 +134,10 @@ def load_source(
 
     path = Path(weights)
     if is_bundle(path):
-        path = bundle_source_path(Bundle.load(path))
+        hint = "pass the weights file itself: mae export WEIGHTS --out BUNDLE --precision ..."
+        path = Bundle.load(path).source_weights("Adding graphs", hint)
     model, loaded = load_model(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
     return _model_for_export(model), loaded
-
-
-def bundle_source_path(bundle: Bundle) -> Path:
-    """The weights file a bundle was exported from, or an error saying it is gone."""
-    path = bundle.source_path()
-    if path is None:
-        raise MAEError(
-            f"Adding graphs to {bundle.path} needs the weights it was exported from, and they are not at "
-            f"{bundle.recorded_source or '(no source recorded)'}.",
-            hint="pass the weights file itself: mae export WEIGHTS --out BUNDLE --precision ...",
-        )
-    return path
 
 
 def _existing_bundle(out_dir: Path) -> Bundle | None:
@@ -240,6 +226,21 @@ def openvino_entry(xml_path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ export
+@dataclass(frozen=True)
+class _Request:
+    """What `export_bundle` was asked for, checked before the (slow) weights are read."""
+
+    wanted: list[str]  # precisions, as asked for
+    opset: int | None
+    num_heads: int | None
+    decoder_num_heads: int | None
+    verify: bool
+    resize: str | None
+    progress: ExportProgress
+    external_data_bytes: int
+    int8: Int8Options
+
+
 def export_bundle(
     weights: Any,
     out_dir: str | os.PathLike,
@@ -250,7 +251,7 @@ def export_bundle(
     verify: bool = True,
     resize: str | None = None,
     *,
-    progress: bool = False,
+    progress: ExportProgress | None = None,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     int8: Int8Options | None = None,
 ) -> Bundle:
@@ -263,6 +264,7 @@ def export_bundle(
     opset: ONNX opset (default 18; see docs/export.md). resize: "center" or "squash" pre-processing policy
         recorded in the bundle (default: "center", or the existing bundle's).
     verify: check every graph against PyTorch on real photos (module `mae.export.verify`) before writing.
+    progress: told each step and note (`mae.export.progress.ExportProgress`); None says nothing.
     int8: calibration images, gate and OpenVINO model of the int8 encoder (`Int8Options`).
     Encoder-only weights give an encoder-only bundle.
     """
@@ -270,16 +272,17 @@ def export_bundle(
     int8 = int8 or Int8Options()
     if "int8" in wanted:
         int8.tolerance  # noqa: B018 - a bad gate fails before the (slow) weights are read
-    if resize is not None and resize not in RESIZE_POLICIES:
-        raise MAEError(f"Unknown resize policy {resize!r}", hint=f"use one of: {', '.join(RESIZE_POLICIES)}")
+    if resize is not None and resize not in RESIZE_MODES:
+        raise MAEError(f"Unknown resize mode {resize!r}", hint=f"use one of: {', '.join(RESIZE_MODES)}")
     if opset is not None:
         check_opset(opset)  # before the (slow) weights are read
+    request = _Request(
+        wanted, opset, num_heads, decoder_num_heads, verify, resize, progress or ExportProgress(), external_data_bytes,
+        int8,
+    )  # fmt: skip
     out_dir = Path(out_dir)
     with _export_lock(out_dir):
-        return _export_locked(
-            weights, out_dir, wanted, opset, num_heads, decoder_num_heads, verify, resize, progress,
-            external_data_bytes, int8,
-        )  # fmt: skip
+        return _export_locked(weights, out_dir, request)
 
 
 @contextlib.contextmanager
@@ -295,89 +298,109 @@ def _export_lock(out_dir: Path) -> Iterator[None]:
         yield
 
 
-def _export_locked(
-    weights: Any,
-    out_dir: Path,
-    wanted: list[str],
-    opset: int | None,
-    num_heads: int | None,
-    decoder_num_heads: int | None,
-    verify: bool,
-    resize: str | None,
-    progress: bool,
-    external_data_bytes: int,
-    int8: Int8Options,
-) -> Bundle:
-    steps = Steps(enabled=progress)
-    existing = _existing_bundle(out_dir)
+@dataclass(frozen=True)
+class _Plan:
+    """The graphs this export writes, and what they share with the bundle they join."""
 
-    with steps.step("loading weights"):
-        model, loaded = load_source(weights, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
-    config: MAEConfig = model.cfg
-    if existing is not None:
-        opset = _check_same_source(existing, loaded, opset, resize)
-        preprocessing = existing.preprocessing
-        if "fp32" not in existing.precisions:
-            wanted = ["fp32", *[p for p in wanted if p != "fp32"]]
-    else:
-        opset = check_opset(opset)
-        preprocessing = Preprocessing(size=config.img_size, resize=resize or "center")
-        if "fp32" not in wanted:
-            wanted.insert(0, "fp32")
-    if opset >= ATTENTION_OPSET:
-        steps.note(f"opset {opset}: attention becomes the ONNX Attention op, which TensorRT 10 cannot parse.")
-    if not model.has_decoder:
-        steps.note("These weights have no decoder: exporting the encoder alone (embeddings yes, reconstruction no).")
+    wanted: list[str]  # precisions in the order they are made: fp32 first when the bundle has none yet
+    opset: int
+    preprocessing: Preprocessing
+
+
+@dataclass
+class _Written:
+    """What the staging folder holds after `_Job.run`, as mae.json records it."""
+
+    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> part -> graph entry
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> part (and "inputs") -> report
+    int8_record: dict[str, Any] | None = None  # "int8"; its "openvino_encoder": the OpenVINO model's entry, if built
+
+
+def _export_locked(weights: Any, out_dir: Path, request: _Request) -> Bundle:
+    """Load the weights, write and verify every graph in a staging folder beside `out_dir`, then move them in."""
+    existing = _existing_bundle(out_dir)
+    with request.progress.step("loading weights"):
+        model, loaded = load_source(weights, num_heads=request.num_heads, decoder_num_heads=request.decoder_num_heads)
+    plan = _plan(model, loaded, existing, request)
 
     prefix, suffix = temporary_name(out_dir.name, "export")
     with faults(out_dir.parent, "create a staging folder in"):
         staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=prefix, suffix=suffix))
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; the bundle is an ordinary directory
-        graphs, reports, int8_record = _export_precisions(
-            model, loaded, wanted, opset, preprocessing, staging, existing, verify, steps, external_data_bytes, int8
-        )
+        written = _Job(model, loaded, plan, staging, existing, request).run()
         if existing is None:
-            bundle = Bundle(staging, config, preprocessing, _new_manifest(loaded, opset, model.has_decoder))
-        else:
-            bundle = existing
-        manifest = bundle.manifest
-        for precision in wanted:
-            manifest.setdefault("graphs", {})[precision] = graphs[precision]
-            manifest.setdefault("verification", {})[precision] = reports[precision]
-        stale: list[str] = []
-        if int8_record is not None:
-            new_model = int8_record.pop("openvino_encoder", None)
-            old = (manifest.get("openvino") or {}).pop("int8", None)
-            if old is not None and new_model is None:  # the previous int8 export's OpenVINO model, now dropped
-                stale = _files_of(old["encoder"])
-            if new_model is not None:
-                manifest.setdefault("openvino", {})["int8"] = {"encoder": new_model}
-            if not manifest.get("openvino"):
-                manifest.pop("openvino", None)
-            manifest["int8"] = int8_record
-        # Keep the manifest's precisions in their canonical order.
-        manifest["graphs"] = {p: manifest["graphs"][p] for p in PRECISIONS if p in manifest["graphs"]}
-        manifest["verification"] = {p: manifest["verification"][p] for p in PRECISIONS if p in manifest["verification"]}
-        if existing is None:
+            manifest = _new_manifest(loaded, plan.opset, model.has_decoder)
+            bundle = Bundle(staging, model.cfg, plan.preprocessing, manifest)
+            _record(bundle.manifest, plan.wanted, written)
             bundle.save()
             with faults(out_dir, "write the bundle"):
                 os.replace(staging, out_dir)  # also replaces an empty directory
         else:
-            entries = [entry for precision in wanted for entry in graphs[precision].values()]
-            entries += list(((manifest.get("openvino") or {}).get("int8") or {}).values()) if int8_record else []
-            for entry in entries:
-                for name in _files_of(entry):
-                    if (staging / name).exists():
-                        os.replace(staging / name, out_dir / name)
-            bundle.save()  # last: until here the old manifest describes the old, untouched files
-            for name in stale:
-                (out_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
+            stale = _record(existing.manifest, plan.wanted, written)
+            _move_in(existing, staging, plan.wanted, written, stale)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Bundle.load(out_dir)
+
+
+def _plan(model: MaskedAutoencoder, loaded: LoadedWeights, existing: Bundle | None, request: _Request) -> _Plan:
+    """A new bundle's opset and pre-processing, or those of the bundle the graphs join (from the same weights)."""
+    if existing is not None:
+        opset = _check_same_source(existing, loaded, request.opset, request.resize)
+        preprocessing = existing.preprocessing
+        needs_fp32 = "fp32" not in existing.precisions
+    else:
+        opset = check_opset(request.opset)
+        preprocessing = Preprocessing(size=model.cfg.img_size, resize=request.resize or "center")
+        needs_fp32 = True
+    wanted = ["fp32", *[p for p in request.wanted if p != "fp32"]] if needs_fp32 else list(request.wanted)
+    if opset >= ATTENTION_OPSET:
+        note = f"opset {opset}: attention becomes the ONNX Attention op, which TensorRT 10 cannot parse."
+        request.progress.note(note)
+    if not model.has_decoder:
+        request.progress.note(NO_DECODER_NOTE)
+    return _Plan(wanted, opset, preprocessing)
+
+
+def _record(manifest: dict[str, Any], wanted: list[str], written: _Written) -> list[str]:
+    """Enter what was written into `manifest`; return the files it no longer lists (an earlier int8 export's
+    OpenVINO model, when this one made none)."""
+    for precision in wanted:
+        manifest.setdefault("graphs", {})[precision] = written.graphs[precision]
+        manifest.setdefault("verification", {})[precision] = written.reports[precision]
+    stale: list[str] = []
+    if written.int8_record is not None:
+        new_model = written.int8_record.pop("openvino_encoder", None)
+        old = (manifest.get("openvino") or {}).pop("int8", None)
+        if old is not None and new_model is None:  # the previous int8 export's OpenVINO model, now dropped
+            stale = _files_of(old["encoder"])
+        if new_model is not None:
+            manifest.setdefault("openvino", {})["int8"] = {"encoder": new_model}
+        if not manifest.get("openvino"):
+            manifest.pop("openvino", None)
+        manifest["int8"] = written.int8_record
+    # Keep the manifest's precisions in their canonical order.
+    for section in ("graphs", "verification"):
+        manifest[section] = {p: manifest[section][p] for p in GRAPH_PRECISIONS if p in manifest[section]}
+    return stale
+
+
+def _move_in(bundle: Bundle, staging: Path, wanted: list[str], written: _Written, stale: list[str]) -> None:
+    """Move the staged files into the existing `bundle`, then save its mae.json (until then the old manifest
+    describes the old, untouched files) and remove what it no longer lists."""
+    entries = [entry for precision in wanted for entry in written.graphs[precision].values()]
+    if written.int8_record is not None:
+        entries += list(((bundle.manifest.get("openvino") or {}).get("int8") or {}).values())
+    for entry in entries:
+        for name in _files_of(entry):
+            if (staging / name).exists():
+                os.replace(staging / name, bundle.path / name)
+    bundle.save()
+    for name in stale:
+        (bundle.path / name).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _new_manifest(loaded: LoadedWeights, opset: int, has_decoder: bool) -> dict[str, Any]:
@@ -385,7 +408,7 @@ def _new_manifest(loaded: LoadedWeights, opset: int, has_decoder: bool) -> dict[
 
     notes = list(loaded.notes)
     if not has_decoder:
-        notes.append("encoder-only weights: this bundle has no decoder (embeddings only, no reconstruction)")
+        notes.append(NO_DECODER_NOTE)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -400,144 +423,155 @@ def _new_manifest(loaded: LoadedWeights, opset: int, has_decoder: bool) -> dict[
     }
 
 
-def _export_precisions(
-    model: MaskedAutoencoder,
-    loaded: LoadedWeights,
-    wanted: list[str],
-    opset: int,
-    preprocessing: Preprocessing,
-    staging: Path,
-    existing: Bundle | None,
-    verify: bool,
-    steps: Steps,
-    external_data_bytes: int,
-    int8: Int8Options,
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any] | None]:
-    """Write and verify each precision's graphs into `staging`; return their mae.json entries, reports and (with
-    int8) the int8 record, whose "openvino_encoder" is the OpenVINO model's entry when one was built."""
-    config = model.cfg
-    reference = TorchReference(model, preprocessing) if verify else None
-    calibration: Calibration | None = None
-    int8_reference = None
-    if "int8" in wanted:
-        with steps.step("reading int8 calibration images"):
+class _Job:
+    """Writes and verifies each precision's graphs (and the OpenVINO int8 model) into the staging folder."""
+
+    def __init__(
+        self,
+        model: MaskedAutoencoder,
+        loaded: LoadedWeights,
+        plan: _Plan,
+        staging: Path,
+        existing: Bundle | None,
+        request: _Request,
+    ) -> None:
+        self.model, self.loaded, self.plan, self.staging, self.existing = model, loaded, plan, staging, existing
+        self.request, self.progress, self.int8 = request, request.progress, request.int8
+        self.reference = TorchReference(model, plan.preprocessing) if request.verify else None
+        self.calibration: Calibration | None = None
+        self.int8_reference: TorchReference | None = None
+
+    def run(self) -> _Written:
+        if "int8" in self.plan.wanted:
+            self._calibrate()
+        written = _Written()
+        for precision in self.plan.wanted:
+            written.graphs[precision], written.reports[precision] = {}, {}
+            for part in precision_parts(precision, self.model.has_decoder):
+                written.graphs[precision][part], written.reports[precision][part] = self._graph(precision, part)
+            judge = self._judge(precision)
+            if judge is not None:
+                written.reports[precision]["inputs"] = {
+                    "images": judge.image_names,
+                    "mask_ratios": sorted({case.mask_ratio for case in judge.cases}),
+                    "batch_sizes": sorted({case.batch for case in judge.cases}),
+                }
+        if self.calibration is not None:
+            written.int8_record = self._int8_record(self.calibration)
+        return written
+
+    def _calibrate(self) -> None:
+        """The int8 calibration images, and the reference of the int8 gate: the photos and the held-out images."""
+        int8, preprocessing = self.int8, self.plan.preprocessing
+        with self.progress.step("reading int8 calibration images"):
             calibration = load_calibration(int8.calibration, preprocessing, int8.calibration_count, int8.seed)
-        steps.note(
+        self.progress.note(
             f"  calibration: {len(calibration.pixels)} images from {calibration.source}; {len(calibration.held_out)} "
             "held out for the int8 check"
             + (f"; {calibration.skipped} unreadable, skipped" if calibration.skipped else "")
         )
-        if verify:
-            int8_reference = TorchReference(model, preprocessing, (calibration.held_out_names, calibration.held_out))
+        self.calibration = calibration
+        if self.request.verify:
+            held_out = (calibration.held_out_names, calibration.held_out)
+            self.int8_reference = TorchReference(self.model, preprocessing, held_out)
 
-    def metadata(part: str, precision: str) -> dict[str, str]:
-        return graph_metadata(
-            part, config, preprocessing, precision, opset, EXPORTER, loaded.sha256, loaded.source_format
-        )
+    def _judge(self, precision: str) -> TorchReference | None:
+        return self.int8_reference if precision == "int8" else self.reference
 
-    def fp32_path(part: str) -> Path:
+    def _tolerance(self, precision: str) -> Tolerance:
+        return self.int8.tolerance if precision == "int8" else TOLERANCES[precision]
+
+    def _fp32_path(self, part: str) -> Path:
         """The fp32 graph the variants derive from: just exported, or the existing bundle's."""
-        fresh = staging / graph_file(part, "fp32")
-        return fresh if fresh.is_file() or existing is None else existing.graph(part, "fp32")
+        fresh = self.staging / graph_file(part, "fp32")
+        return fresh if fresh.is_file() or self.existing is None else self.existing.graph(part, "fp32")
 
-    graphs: dict[str, dict[str, Any]] = {}
-    reports: dict[str, dict[str, Any]] = {}
-    for precision in wanted:
-        graphs[precision], reports[precision] = {}, {}
-        for part in precision_parts(precision, model.has_decoder):
-            path = staging / graph_file(part, precision)
-            started = time.perf_counter()
-            with steps.step(f"exporting {precision} {part} -> {path.name}"):
-                if precision == "fp32":
-                    proto = export_graph(model, part, opset)
-                elif precision == "fp16":
-                    proto = to_fp16(onnx.load(os.fspath(fp32_path(part))))
-                else:
-                    quantize_int8(fp32_path(part), path)
-                    proto = onnx.load(os.fspath(path))
-                    check_int8_weight_range(proto)
-                if graph_opset(proto) != opset:
-                    raise MAEError(f"The {part} graph came out at opset {graph_opset(proto)}, not {opset}.")
-                set_metadata(proto, metadata(part, precision))
-                save_graph(proto, path, external_data_bytes)
-                del proto
-            seconds = time.perf_counter() - started
-            judge = int8_reference if precision == "int8" else reference
-            tolerance = int8.tolerance if precision == "int8" else TOLERANCES[precision]
-            if judge is None:
-                report: dict[str, Any] = {"file": path.name, "bytes": graph_bytes(path), "verified": False}
-            else:
-                with steps.step(f"verifying {path.name} against PyTorch ({tolerance.describe()})"):
-                    report = verify_graph(path, part, precision, judge, tolerance)
-                report["verified"] = True
-                steps.note(_one_line(precision, part, report))
-            report["export_seconds"] = round(seconds, 3)
-            graphs[precision][part] = graph_entry(path)
-            reports[precision][part] = report
-        judge = int8_reference if precision == "int8" else reference
-        if judge is not None:
-            reports[precision]["inputs"] = {
-                "images": judge.image_names,
-                "mask_ratios": sorted({case.mask_ratio for case in judge.cases}),
-                "batch_sizes": sorted({case.batch for case in judge.cases}),
-            }
-    int8_record = None
-    if calibration is not None:
-        int8_record = _int8_record(calibration, int8, verify)
-        if int8.build_openvino():
-            try:
-                int8_record["openvino_encoder"] = _export_openvino_int8(
-                    fp32_path("encoder"), staging, calibration, config.num_patches, int8, int8_reference, steps
-                )
-            except VerificationError as exc:
-                if int8.openvino:  # asked for by name: its failure is the export's
-                    raise
-                # Built because OpenVINO happens to be installed: the verified ONNX Runtime int8 graph stands.
-                for name in (OPENVINO_INT8_FILE, Path(OPENVINO_INT8_FILE).with_suffix(".bin").name):
-                    (staging / name).unlink(missing_ok=True)  # never part of a new bundle
-                steps.note(f"  no OpenVINO int8 model: {exc.message}")
-                int8_record["openvino_refused"] = exc.message
+    def _graph(self, precision: str, part: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Write one graph file and verify it: (its mae.json entry, its verification report)."""
+        path = self.staging / graph_file(part, precision)
+        started = time.perf_counter()
+        with self.progress.step(f"exporting {precision} {part} -> {path.name}"):
+            proto = self._convert(precision, part, path)
+            if graph_opset(proto) != self.plan.opset:
+                raise MAEError(f"The {part} graph came out at opset {graph_opset(proto)}, not {self.plan.opset}.")
+            set_metadata(proto, self._metadata(part, precision))
+            save_graph(proto, path, self.request.external_data_bytes)
+            del proto
+        seconds = time.perf_counter() - started
+        judge, tolerance = self._judge(precision), self._tolerance(precision)
+        if judge is None:
+            report: dict[str, Any] = {"file": path.name, "bytes": graph_bytes(path), "verified": False}
         else:
-            steps.note("  no OpenVINO int8 model: install the openvino extra (openvino + nncf) to add one")
-    return graphs, reports, int8_record
+            with self.progress.step(f"verifying {path.name} against PyTorch ({tolerance.describe()})"):
+                report = verify_graph(path, part, precision, judge, tolerance)
+            report["verified"] = True
+            self.progress.note(_one_line(precision, part, report))
+        report["export_seconds"] = round(seconds, 3)
+        return graph_entry(path), report
 
+    def _metadata(self, part: str, precision: str) -> dict[str, str]:
+        plan, loaded = self.plan, self.loaded
+        return graph_metadata(
+            part, self.model.cfg, plan.preprocessing, precision, plan.opset, EXPORTER, loaded.sha256,
+            loaded.source_format,
+        )  # fmt: skip
 
-def _int8_record(calibration: Calibration, int8: Int8Options, verified: bool) -> dict[str, Any]:
-    """mae.json's "int8": how the int8 graphs were made and where they were checked."""
+    def _convert(self, precision: str, part: str, path: Path) -> onnx.ModelProto:
+        """The graph of `part` at `precision`: exported (fp32), converted from the fp32 graph (fp16) or quantized
+        from it into `path` (int8)."""
+        if precision == "fp32":
+            return export_graph(self.model, part, self.plan.opset)
+        if precision == "fp16":
+            return to_fp16(onnx.load(os.fspath(self._fp32_path(part))))
+        quantize_int8(self._fp32_path(part), path)
+        proto = onnx.load(os.fspath(path))
+        check_int8_weight_range(proto)
+        return proto
 
-    return {
-        "method": dict(INT8_METHOD) if int8.build_openvino() else {"onnxruntime": INT8_METHOD["onnxruntime"]},
-        "calibration": calibration.to_dict(),
-        "min_cosine": int8.tolerance.min_cosine,
-        "verified_on": cpu_info().to_dict() if verified else None,
-    }
+    def _int8_record(self, calibration: Calibration) -> dict[str, Any]:
+        """mae.json's "int8": how the int8 graphs were made and where they were checked; with the OpenVINO model
+        (its entry under "openvino_encoder") when it is built and passes."""
+        int8 = self.int8
+        record = {
+            "method": dict(INT8_METHOD) if int8.build_openvino() else {"onnxruntime": INT8_METHOD["onnxruntime"]},
+            "calibration": calibration.to_dict(),
+            "min_cosine": int8.tolerance.min_cosine,
+            "verified_on": cpu_info().to_dict() if self.request.verify else None,
+        }
+        if not int8.build_openvino():
+            self.progress.note("  no OpenVINO int8 model: install the openvino extra (openvino + nncf) to add one")
+            return record
+        try:
+            record["openvino_encoder"] = self._openvino_int8(calibration)
+        except VerificationError as exc:
+            if int8.openvino:  # asked for by name: its failure is the export's
+                raise
+            # Built because OpenVINO happens to be installed: the verified ONNX Runtime int8 graph stands.
+            for name in (OPENVINO_INT8_FILE, Path(OPENVINO_INT8_FILE).with_suffix(".bin").name):
+                (self.staging / name).unlink(missing_ok=True)  # never part of a new bundle
+            self.progress.note(f"  no OpenVINO int8 model: {exc.message}")
+            record["openvino_refused"] = exc.message
+        return record
 
-
-def _export_openvino_int8(
-    fp32_encoder: Path,
-    staging: Path,
-    calibration: Calibration,
-    num_patches: int,
-    int8: Int8Options,
-    reference: TorchReference | None,
-    steps: Steps,
-) -> dict[str, Any]:
-    """NNCF-quantize the fp32 encoder into staging/OPENVINO_INT8_FILE, check it, and return its mae.json entry."""
-    xml_path = staging / OPENVINO_INT8_FILE
-    started = time.perf_counter()
-    with steps.step(f"quantizing the OpenVINO int8 encoder with NNCF -> {xml_path.name}"):
-        quantize_openvino_int8(fp32_encoder, xml_path, calibration.feeds(num_patches))
-    entry = openvino_entry(xml_path)
-    if reference is None:
-        report: dict[str, Any] = {"file": xml_path.name, "bytes": entry["bytes"], "verified": False}
-    else:
-        with steps.step(f"verifying {xml_path.name} against PyTorch ({int8.tolerance.describe()})"):
-            report = verify_openvino_model(xml_path, "encoder", reference, int8.tolerance)
-        report["verified"] = True
-        steps.note(_one_line("int8", "encoder (OpenVINO)", report))
-    report["export_seconds"] = round(time.perf_counter() - started, 3)
-    entry["verification"] = report
-    return entry
+    def _openvino_int8(self, calibration: Calibration) -> dict[str, Any]:
+        """NNCF-quantize the fp32 encoder into staging/OPENVINO_INT8_FILE, check it, and return its mae.json entry."""
+        xml_path = self.staging / OPENVINO_INT8_FILE
+        started = time.perf_counter()
+        with self.progress.step(f"quantizing the OpenVINO int8 encoder with NNCF -> {xml_path.name}"):
+            feeds = calibration.feeds(self.model.cfg.num_patches)
+            quantize_openvino_int8(self._fp32_path("encoder"), xml_path, feeds)
+        entry = openvino_entry(xml_path)
+        tolerance = self.int8.tolerance
+        if self.int8_reference is None:
+            report: dict[str, Any] = {"file": xml_path.name, "bytes": entry["bytes"], "verified": False}
+        else:
+            with self.progress.step(f"verifying {xml_path.name} against PyTorch ({tolerance.describe()})"):
+                report = verify_openvino_model(xml_path, "encoder", self.int8_reference, tolerance)
+            report["verified"] = True
+            self.progress.note(_one_line("int8", "encoder (OpenVINO)", report))
+        report["export_seconds"] = round(time.perf_counter() - started, 3)
+        entry["verification"] = report
+        return entry
 
 
 def _one_line(precision: str, part: str, report: dict[str, Any]) -> str:

@@ -1,49 +1,26 @@
-"""Step-by-step progress on stderr for exports: a spinner while a step runs, a tick and its duration after."""
+"""How an export reports its progress: each step (which the app shows as a spinner, then a tick and its seconds)
+and notes, through `ExportProgress`; and `quiet`, which keeps the converters' own logging out of the way."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 
-class Steps:
-    """`with steps.step("exporting encoder"): ...` shows a spinner, then "✓ exporting encoder (2.1 s)".
-
-    Silent when `enabled` is False (library calls, tests). Seconds per step are kept in `durations`.
-    """
-
-    def __init__(self, enabled: bool = True, console: Any = None) -> None:
-        self.enabled = enabled
-        self.durations: dict[str, float] = {}
-        self.console = console
-        if enabled and console is None:
-            from rich.console import Console
-
-            self.console = Console(stderr=True)
+class ExportProgress:
+    """What an export tells the person running it. This one says nothing (library calls, tests); `mae export`
+    passes one that prints (`mae.reports.export.ExportSpinner`)."""
 
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:
-        start = time.perf_counter()
-        if not self.enabled:
-            yield
-            self.durations[text] = time.perf_counter() - start
-            return
-        with self.console.status(text + " ..."):
-            try:
-                yield
-            except BaseException:
-                self.console.print(f"[red]✗[/red] {text}")
-                raise
-        seconds = self.durations[text] = time.perf_counter() - start
-        self.console.print(f"[green]✓[/green] {text} [dim]({seconds:.1f} s)[/dim]")
+        """One step of the export ("exporting fp32 encoder -> encoder.onnx") runs inside the `with`; an exception
+        out of it is the step's failure."""
+        yield
 
     def note(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text)
+        """A line for the person running the export (a verification's numbers, what was left out and why)."""
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ talks to the `tensorrt` module object it is given, so its call sequence is teste
 from __future__ import annotations
 
 import datetime as _datetime
-import importlib
 import json
 import os
 from collections.abc import Sequence
@@ -33,24 +32,27 @@ from pathlib import Path
 from typing import Any
 
 from mae import __version__
-from mae.core.bundle import Bundle, is_bundle
+from mae.core.bundle import OUTPUT_NAMES, Bundle, is_bundle
 from mae.core.config import MAEConfig
 from mae.core.engine_files import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_OPT_BATCH,
+    DEFAULT_WORKSPACE_GIB,
     ENGINE_PRECISIONS,
     SIDECAR_FORMAT,
     engine_file,
     engine_sidecar_path,
+    import_tensorrt,
     tensorrt_major,
 )
 from mae.core.errors import MAEError
 from mae.core.files import atomic_write_bytes, atomic_write_text, sha256_file
 from mae.core.hardware import cudart_gpus
+from mae.runtime.engines.trt import TensorRTEngine
 
-from .progress import Steps
+from .progress import ExportProgress
 
 SUPPORTED_MAJORS = (10, 11)
-DEFAULT_OPT_BATCH = 32  # the embed command's default batch
-DEFAULT_WORKSPACE_GIB = 4.0
 TIMING_CACHE_FILE = "tensorrt.timing.cache"
 INSTALL_HINT = (
     "pip install 'mae-toolkit[tensorrt]' on a machine with an NVIDIA GPU and driver "
@@ -208,18 +210,9 @@ def build_engine(
         flag = getattr(trt.BuilderFlag, flag_name, None)
         if flag is not None:
             config.clear_flag(flag)
-    profile = builder.create_optimization_profile()
-    for name, shape in profiles.items():
-        profile.set_shape(name, shape.min, shape.opt, shape.max)
-    config.add_optimization_profile(profile)
-
-    cache = None
+    _add_profile(builder, config, profiles, onnx_path)
     if timing_cache_path is not None:
-        previous = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-        cache = config.create_timing_cache(previous)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):  # made on another GPU or version: start anew
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=False)
+        _use_timing_cache(config, timing_cache_path)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -268,31 +261,56 @@ def make_sidecar(
 
 # ------------------------------------------------------------------------------------------- environment
 def gpu_info() -> GpuInfo | None:
-    """The first CUDA GPU's name and compute capability (via PyTorch, else cuda-python); None without one."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return GpuInfo(torch.cuda.get_device_name(0), f"{major}.{minor}")
-    except ImportError:
-        pass
-
+    """The CUDA GPU engines are built on (device 0) as the runtime's TensorRT engine sees it, through cuda-python
+    (`mae.core.hardware.cudart_gpus`); None without cuda-python or a GPU."""
     gpus = cudart_gpus() or []
     return GpuInfo(gpus[0].name, str(gpus[0].compute_capability)) if gpus else None
+
+
+def _add_profile(builder: Any, config: Any, profiles: dict[str, ShapeRange], onnx_path: Path) -> None:
+    """The one optimization profile; TensorRT's refusals (set_shape raises, add_optimization_profile returns -1)
+    become errors naming the input and the shapes."""
+    profile = builder.create_optimization_profile()
+    for name, shape in profiles.items():
+        try:
+            accepted = profile.set_shape(name, shape.min, shape.opt, shape.max)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            accepted, reason = False, f": {exc}"
+        else:
+            reason = ""
+        if accepted is False:
+            raise MAEError(
+                f"TensorRT refused the optimization profile of {onnx_path.name} input {name} (min {list(shape.min)}, "
+                f"opt {list(shape.opt)}, max {list(shape.max)}){reason}.",
+                hint="check --max-batch and --opt-batch (1 <= opt <= max)",
+            )
+    if config.add_optimization_profile(profile) < 0:
+        raise MAEError(f"TensorRT refused the optimization profile of {onnx_path.name} (add_optimization_profile: -1).")
+
+
+def _use_timing_cache(config: Any, path: Path) -> None:
+    """Reuse the bundle's timing cache; one TensorRT cannot read (another version, a cut file: create_timing_cache
+    gives None) or that another GPU or version made (set_timing_cache refuses it) is replaced by a fresh one."""
+    previous = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(previous) if previous else None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise MAEError(
+            "TensorRT could not create a timing cache for this build.", hint="rerun; report it if it persists"
+        )
 
 
 def check_tensorrt_available() -> tuple[Any, GpuInfo]:
     """The tensorrt module and the GPU, or one MAEError naming everything that is missing."""
     problems = []
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError:
-        trt = None
+    trt = import_tensorrt()
+    if trt is None:
         problems.append("the Python package 'tensorrt' (not installed)")
     gpu = gpu_info()
     if gpu is None:
-        problems.append("a CUDA GPU (none is visible to PyTorch or cuda-python)")
+        problems.append("a CUDA GPU (none is visible to cuda-python, or it is not installed)")
     if problems:
         raise MAEError(f"--format trt needs {' and '.join(problems)}.", hint=INSTALL_HINT)
     build_plan(trt.__version__, "fp32")  # rejects unsupported versions before any work
@@ -307,18 +325,19 @@ def run_tensorrt_export(
     opset: int | None = None,
     num_heads: int | None = None,
     decoder_num_heads: int | None = None,
-    max_batch: int = 64,
+    max_batch: int = DEFAULT_MAX_BATCH,
     opt_batch: int | None = None,
     workspace_gib: float = DEFAULT_WORKSPACE_GIB,
     verify: bool = True,
-    progress: bool = True,
-) -> Any:  # mae.core.bundle.Bundle
+    progress: ExportProgress | None = None,
+) -> Bundle:
     """`mae export WEIGHTS_OR_BUNDLE --format trt`: engines for every graph of `precision` in the bundle.
 
     Weights are exported to a bundle first (into out_dir); a bundle gets the engines (and, when missing, the ONNX
-    graph of that precision) added in place.
+    graph of that precision) added in place. verify: run each engine, as the runtime's TensorRT engine runs it,
+    against the bundle's fp32 ONNX graphs before anything is written. progress: told each step and note.
     """
-
+    progress = progress or ExportProgress()
     trt, gpu = check_tensorrt_available()  # before anything slow
     plan = build_plan(trt.__version__, precision)
     if opt_batch is not None and not 1 <= opt_batch <= max_batch:
@@ -331,7 +350,7 @@ def run_tensorrt_export(
     bundle_dir = Path(weights) if is_bundle(weights) else Path(out_dir)
     bundle = Bundle.load(bundle_dir) if is_bundle(bundle_dir) else None
     if bundle is None or plan.onnx_precision not in bundle.precisions:
-        from .onnx_bundle import export_bundle
+        from .onnx_bundle import export_bundle  # torch and the exporter: only when the graph must be made first
 
         bundle = export_bundle(
             weights,  # weights, or the bundle itself (its recorded source weights are used)
@@ -343,24 +362,26 @@ def run_tensorrt_export(
             progress=progress,
         )
 
-    steps = Steps(enabled=progress)
-    parts = [part for part in ("encoder", "decoder") if bundle.has_graph(part, plan.onnx_precision)]
     built: dict[str, tuple[bytes, dict[str, Any]]] = {}
-    for part in parts:
+    for part in [part for part in ("encoder", "decoder") if bundle.has_graph(part, plan.onnx_precision)]:
         onnx_path = bundle.graph(part, plan.onnx_precision)
         profiles = profile_shapes(onnx_graph_inputs(onnx_path), bundle.config, max_batch, opt_batch)
         name = engine_file(part, precision)
-        with steps.step(f"building {name} with TensorRT {trt.__version__} on {gpu.name}"):
+        with progress.step(f"building {name} with TensorRT {trt.__version__} on {gpu.name}"):
             engine_bytes = build_engine(trt, onnx_path, profiles, plan, workspace_gib, bundle.path / TIMING_CACHE_FILE)
         sidecar = make_sidecar(name, part, plan, gpu, profiles, onnx_path.name, sha256_file(onnx_path), workspace_gib)
         built[part] = (engine_bytes, sidecar)
-
     if verify:
-        reports = verify_engines(trt, bundle, {part: engine for part, (engine, _) in built.items()}, precision, steps)
-        for part, report in reports.items():
+        for part, report in verify_engines(bundle, built, precision, progress).items():
             built[part][1]["verification"] = report
+    names = _write_engines(bundle, built, precision)
+    progress.note(f"TensorRT engines written into {bundle.path}: {', '.join(names)}")
+    return Bundle.load(bundle.path)
 
-    # Engines and sidecars first, mae.json last: until then the bundle describes what it had.
+
+def _write_engines(bundle: Bundle, built: dict[str, tuple[bytes, dict[str, Any]]], precision: str) -> list[str]:
+    """Engines and sidecars first, mae.json last: until then the bundle describes what it had. Returns the engine
+    files the bundle lists at `precision`."""
     entries = bundle.manifest.setdefault("engines", {}).setdefault(precision, {})
     for part, (engine_bytes, sidecar) in built.items():
         engine_path = bundle.path / engine_file(part, precision)
@@ -369,60 +390,34 @@ def run_tensorrt_export(
         atomic_write_text(engine_sidecar_path(engine_path), json.dumps(sidecar, indent=2) + "\n")
         entries[part] = {"file": engine_path.name, "sidecar": engine_sidecar_path(engine_path).name}
     bundle.save()
-    steps.note(f"TensorRT engines written into {bundle.path}: {', '.join(sorted(e['file'] for e in entries.values()))}")
-    return Bundle.load(bundle.path)
+    return sorted(entry["file"] for entry in entries.values())
 
 
 # ---------------------------------------------------------------------------------------------- verify
 ENGINE_TOLERANCE_FP32_ABS = 1e-3  # GPU kernels (fused GELU/LayerNorm, other reduction orders), TF32 off
 
 
-def run_engine(trt: Any, engine: Any, inputs: dict[str, Any]) -> Any:
-    """Run a deserialized engine once on numpy inputs with PyTorch CUDA tensors; returns the float32 output."""
-    import numpy as np
-    import torch
-
-    context = engine.create_execution_context()
-    device_inputs = {name: torch.from_numpy(np.ascontiguousarray(array)).cuda() for name, array in inputs.items()}
-    for name, tensor in device_inputs.items():
-        context.set_input_shape(name, tuple(tensor.shape))
-        context.set_tensor_address(name, tensor.data_ptr())
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    (output_name,) = [name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT]
-    shape = tuple(context.get_tensor_shape(output_name))
-    dtype = torch.float16 if engine.get_tensor_dtype(output_name) == trt.DataType.HALF else torch.float32
-    output = torch.empty(shape, dtype=dtype, device="cuda")
-    context.set_tensor_address(output_name, output.data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise MAEError("TensorRT failed to run the engine.")
-    stream.synchronize()
-    return output.float().cpu().numpy()
-
-
-def verify_engines(trt: Any, bundle: Any, engines: dict[str, bytes], precision: str, steps: Any) -> dict[str, Any]:
-    """Hold each engine to the bundle's fp32 ONNX graphs (verified against PyTorch at export) on the real photos."""
-    try:
-        import torch
-
-        usable = torch.cuda.is_available()
-    except ImportError:
-        usable = False
-    if not usable:
-        steps.note("engines not verified: running them here needs PyTorch with CUDA")
-        return {part: {"verified": False, "reason": "PyTorch without CUDA"} for part in engines}
-    from .verify import TOLERANCES, OnnxReference, Tolerance, compare_outputs
+def verify_engines(
+    bundle: Bundle, built: dict[str, tuple[bytes, dict[str, Any]]], precision: str, progress: ExportProgress
+) -> dict[str, dict[str, Any]]:
+    """Hold each freshly built engine ({part: (serialized engine, its sidecar)}), run by the runtime's
+    `TensorRTEngine` as users run it, to the bundle's fp32 ONNX graphs (verified against PyTorch at export) on the
+    real photos; the report of each part, or a VerificationError."""
+    from .verify import TOLERANCES, OnnxReference, Tolerance, compare_outputs  # onnx and torch: only to verify
 
     reference = OnnxReference(bundle)
     tolerance = Tolerance(max_abs=ENGINE_TOLERANCE_FP32_ABS) if precision == "fp32" else TOLERANCES[precision]
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     reports = {}
-    for part, engine_bytes in engines.items():
-        engine = runtime.deserialize_cuda_engine(engine_bytes)
-        name = engine_file(part, precision)
-        with steps.step(f"verifying {name} against {reference.label} ({tolerance.describe()})"):
+    for part, (engine_bytes, sidecar) in built.items():
+        engine = TensorRTEngine.from_plan(bundle, part, precision, engine_bytes, sidecar)
+        with progress.step(f"verifying {sidecar['engine']} against {reference.label} ({tolerance.describe()})"):
             report = compare_outputs(
-                lambda feeds, engine=engine: run_engine(trt, engine, feeds), name, part, precision, reference, tolerance
+                lambda feeds, engine=engine: engine.run(feeds)[OUTPUT_NAMES[engine.part][0]],
+                sidecar["engine"],
+                part,
+                precision,
+                reference,
+                tolerance,
             )
         report["verified"] = True
         reports[part] = report

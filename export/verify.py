@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import torch
 
+from mae.core.bundle import INPUT_NAMES, OUTPUT_NAMES
 from mae.core.errors import MAEError, require
 from mae.core.masking import masking_from_noise, random_noise
 from mae.core.numerics import cosine_rows
@@ -31,7 +32,6 @@ from mae.core.preprocess import Preprocessing, preprocess_image
 from mae.model import MaskedAutoencoder
 from mae.runtime.engines.openvino import compile_options, keep_signal_stack
 
-from .graphs import GRAPH_IO
 from .tolerances import TOLERANCES, Tolerance
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -187,7 +187,7 @@ class OnnxReference(Reference):
     def _compute(self, part: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if part not in self._sessions:
             self._sessions[part] = _session(self.bundle.graph(part, "fp32"))
-        (output,) = self._sessions[part].run([GRAPH_IO[part][1][0]], feeds)
+        (output,) = self._sessions[part].run([OUTPUT_NAMES[part][0]], feeds)
         return np.asarray(output, dtype=np.float32)
 
 
@@ -218,7 +218,7 @@ def verify_graph(
     check_graph_file(path)
     session = _session(path)
 
-    input_names, output_names = GRAPH_IO[part]
+    input_names, output_names = INPUT_NAMES[part], OUTPUT_NAMES[part]
     got_inputs = [value.name for value in session.get_inputs()]
     got_outputs = [value.name for value in session.get_outputs()]
     if sorted(got_inputs) != sorted(input_names) or got_outputs != list(output_names):
@@ -268,71 +268,26 @@ def compare_outputs(
     reference: Reference,
     tolerance: Tolerance,
 ) -> dict[str, Any]:
-    """Run every case through `run` and hold the outputs to `reference` within `tolerance`."""
-    output_name = GRAPH_IO[part][1][0]
-    cases = []
-    worst_abs = worst_rel = 0.0
-    worst_case: dict[str, Any] = {}
-    cosine_cls = cosine_mean = cosine_pred = 1.0
-    for index, case in enumerate(reference.cases):
-        expected = reference.expected(part, index)
-        actual = run(reference.inputs(part, index))
-        if actual.shape != expected.shape:
-            raise VerificationError(
-                f"{name} returned {output_name} of shape {list(actual.shape)} for batch {case.batch} and "
-                f"{case.kept} kept tokens; {reference.label} gives {list(expected.shape)}."
-            )
-        if actual.dtype != np.float32:
-            raise VerificationError(f"{name} returned {actual.dtype} {output_name}; the contract is float32.")
-        difference = float(np.abs(actual.astype(np.float64) - expected).max())
-        relative = difference / max(float(np.abs(expected).max()), 1e-30)
-        entry: dict[str, Any] = {
-            "mask_ratio": case.mask_ratio,
-            "batch": case.batch,
-            "kept": case.kept,
-            "max_abs_diff": difference,
-            "max_rel_diff": relative,
-        }
-        if not np.isfinite(actual).all():
-            difference = relative = math.inf
-            entry.update(max_abs_diff=math.inf, max_rel_diff=math.inf, non_finite=True)
-        if part == "encoder":
-            cls = float(cosine_rows(expected[:, 0], actual[:, 0]).min())
-            mean = float(cosine_rows(expected[:, 1:].mean(axis=1), actual[:, 1:].mean(axis=1)).min())
-            entry.update(cosine_cls=cls, cosine_mean=mean)
-            cosine_cls, cosine_mean = min(cosine_cls, cls), min(cosine_mean, mean)
-        else:
-            flat = float(cosine_rows(expected.reshape(case.batch, -1), actual.reshape(case.batch, -1)).min())
-            entry.update(cosine_pred=flat)
-            cosine_pred = min(cosine_pred, flat)
-        cases.append(entry)
-        if difference >= worst_abs:
-            worst_abs, worst_case = difference, entry
-        worst_rel = max(worst_rel, relative)
-
+    """Run every case through `run` and hold the outputs to `reference` within `tolerance`: the report, or a
+    VerificationError naming what failed and the worst case."""
+    cases = [_compare_case(run, name, part, reference, index) for index in range(len(reference.cases))]
+    worst_abs, worst_case = 0.0, {}
+    for entry in cases:
+        if entry["max_abs_diff"] >= worst_abs:
+            worst_abs, worst_case = entry["max_abs_diff"], entry
     report: dict[str, Any] = {
         "file": name,
         "reference": reference.label,
         "max_abs_diff": worst_abs,
-        "max_rel_diff": worst_rel,
+        "max_rel_diff": max([0.0, *(entry["max_rel_diff"] for entry in cases)]),
         "tolerance": {k: v for k, v in asdict(tolerance).items() if v is not None},
         "cases": cases,
     }
-    if part == "encoder":
-        report.update(cosine_cls=cosine_cls, cosine_mean=cosine_mean)
-        worst_cosine = min(cosine_cls, cosine_mean)
-    else:
-        report.update(cosine_pred=cosine_pred)
-        worst_cosine = cosine_pred
-
-    failures = []
-    if tolerance.max_abs is not None and not worst_abs <= tolerance.max_abs:
-        failures.append(f"largest |difference| {worst_abs:.3g} > {tolerance.max_abs:g}")
-    if tolerance.max_rel is not None and not worst_rel <= tolerance.max_rel:
-        failures.append(f"largest |difference| / max |output| {worst_rel:.3g} > {tolerance.max_rel:g}")
-    if tolerance.min_cosine is not None and not worst_cosine >= tolerance.min_cosine:
-        what = "pooled-feature" if part == "encoder" else "prediction"
-        failures.append(f"lowest {what} cosine {worst_cosine:.6f} < {tolerance.min_cosine:g}")
+    for key in ("cosine_cls", "cosine_mean") if part == "encoder" else ("cosine_pred",):
+        values = [entry[key] for entry in cases]
+        # A NaN cosine (non-finite outputs) must stay NaN: min() would silently drop it and the graph would pass.
+        report[key] = math.nan if any(math.isnan(value) for value in values) else min([1.0, *values])
+    failures = _failures(report, part, tolerance)
     report["passed"] = not failures
     if failures:
         where = f"mask ratio {worst_case.get('mask_ratio')}, batch {worst_case.get('batch')}"
@@ -347,6 +302,56 @@ def compare_outputs(
             ),
         )
     return report
+
+
+def _compare_case(
+    run: Callable[[dict[str, np.ndarray]], np.ndarray], name: str, part: str, reference: Reference, index: int
+) -> dict[str, Any]:
+    """One case's largest differences and lowest cosines; a wrong shape or dtype is a VerificationError at once."""
+    case, output_name = reference.cases[index], OUTPUT_NAMES[part][0]
+    expected = reference.expected(part, index)
+    actual = run(reference.inputs(part, index))
+    if actual.shape != expected.shape:
+        raise VerificationError(
+            f"{name} returned {output_name} of shape {list(actual.shape)} for batch {case.batch} and "
+            f"{case.kept} kept tokens; {reference.label} gives {list(expected.shape)}."
+        )
+    if actual.dtype != np.float32:
+        raise VerificationError(f"{name} returned {actual.dtype} {output_name}; the contract is float32.")
+    difference = float(np.abs(actual.astype(np.float64) - expected).max())
+    entry: dict[str, Any] = {
+        "mask_ratio": case.mask_ratio,
+        "batch": case.batch,
+        "kept": case.kept,
+        "max_abs_diff": difference,
+        "max_rel_diff": difference / max(float(np.abs(expected).max()), 1e-30),
+    }
+    if not np.isfinite(actual).all():
+        entry.update(max_abs_diff=math.inf, max_rel_diff=math.inf, non_finite=True)
+    if part == "encoder":
+        entry["cosine_cls"] = float(cosine_rows(expected[:, 0], actual[:, 0]).min())
+        entry["cosine_mean"] = float(cosine_rows(expected[:, 1:].mean(axis=1), actual[:, 1:].mean(axis=1)).min())
+    else:
+        rows = (expected.reshape(case.batch, -1), actual.reshape(case.batch, -1))
+        entry["cosine_pred"] = float(cosine_rows(*rows).min())
+    return entry
+
+
+def _failures(report: dict[str, Any], part: str, tolerance: Tolerance) -> list[str]:
+    """What of `tolerance` the report's worst numbers break (none: it passed)."""
+    worst_abs, worst_rel = report["max_abs_diff"], report["max_rel_diff"]
+    worst_cosine = min(report["cosine_cls"], report["cosine_mean"]) if part == "encoder" else report["cosine_pred"]
+    failures = []
+    if any(entry.get("non_finite") for entry in report["cases"]):
+        failures.append("outputs that are not finite (NaN or infinity)")
+    if tolerance.max_abs is not None and not worst_abs <= tolerance.max_abs:
+        failures.append(f"largest |difference| {worst_abs:.3g} > {tolerance.max_abs:g}")
+    if tolerance.max_rel is not None and not worst_rel <= tolerance.max_rel:
+        failures.append(f"largest |difference| / max |output| {worst_rel:.3g} > {tolerance.max_rel:g}")
+    if tolerance.min_cosine is not None and not worst_cosine >= tolerance.min_cosine:
+        what = "pooled-feature" if part == "encoder" else "prediction"
+        failures.append(f"lowest {what} cosine {worst_cosine:.6f} < {tolerance.min_cosine:g}")
+    return failures
 
 
 def graph_bytes(path: Path) -> int:

@@ -14,12 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from mae.export import export_bundle
 from mae.runtime.bench import (
     BASELINE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MASK_RATIOS,
+    DEFAULT_SECONDS,
     ENGINE_SPECS,
+    BenchProgress,
     Prepared,
     default_engines,
     describe_choice,
@@ -29,6 +34,7 @@ from mae.runtime.bench import (
     peaks_line,
     prepare_model,
     remember,
+    row_line,
     summary_lines,
 )
 from mae.runtime.bench import bench as measure
@@ -39,26 +45,56 @@ from .checkpoint import save_random_weights
 from .core import hardware
 from .core.config import PRESETS
 from .core.files import atomic_write_text
+from .reports.export import ExportSpinner
+
+DEFAULT_MODEL = "mae_vit_base_patch16"
+TABLE_COLUMNS = ("engine", "mask", "K", "img/s", "vs torch fp32", "cos cls", "cos mean", "t/t(mask 0)", "GFLOP/s",
+                 "of peak")  # fmt: skip
+
+
+class BenchBars(BenchProgress):
+    """`mae bench` while it runs: a transient bar per stage (elapsed, time left), and each row's line as soon as its
+    mask ratio is measured."""
+
+    def __init__(self) -> None:
+        self._bar: Progress | None = None
+        self._task = None
+
+    def stage(self, description: str, total: float) -> None:
+        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TextColumn("left"))
+        self._bar = Progress(*columns, TimeRemainingColumn(), transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total)
+
+    def update(self, completed: float | None = None, description: str | None = None) -> None:
+        self._bar.update(self._task, completed=completed, description=description)
+
+    def measured(self, row: dict[str, Any]) -> None:
+        self._bar.console.print(row_line(row), highlight=False)
+
+    def done(self) -> None:
+        self._bar.stop()
 
 
 def bench(
-    model: str = "mae_vit_base_patch16",
+    model: str = DEFAULT_MODEL,
     engines: str | Sequence[str] | None = None,
-    batch_size: int = 8,
-    mask_ratios: Sequence[float] = (0.75, 0.0),
-    seconds: float = 5.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    mask_ratios: Sequence[float] = DEFAULT_MASK_RATIOS,
+    seconds: float = DEFAULT_SECONDS,
     seed: int = 0,
     progress: bool = True,
     peaks: Mapping[str, Peak] | None = None,
     roofline: bool = True,
 ) -> list[dict[str, Any]]:
     """`mae.runtime.bench.bench` for a bundle, weights or a preset name (random weights exported, unverified: the
-    benchmark compares every engine with PyTorch itself, and the export checks add minutes on big models)."""
+    benchmark compares every engine with PyTorch itself, and the export checks add minutes on big models).
+    progress: bars and a line per row as they are measured (`BenchBars`), and the preset's export steps."""
     labels = default_engines(model)[0] if engines is None else parse_engines(engines)
     if BASELINE not in labels:
         labels.insert(0, BASELINE)
-    options = dict(batch_size=batch_size, mask_ratios=mask_ratios, seconds=seconds, seed=seed, progress=progress,
-                   peaks=peaks, roofline=roofline)  # fmt: skip
+    options = dict(batch_size=batch_size, mask_ratios=mask_ratios, seconds=seconds, seed=seed,
+                   progress=BenchBars() if progress else None, peaks=peaks, roofline=roofline)  # fmt: skip
     if model not in PRESETS:
         return measure(prepare_model(model, labels), labels, **options)
     with tempfile.TemporaryDirectory(prefix="mae-bench-") as temp:
@@ -67,7 +103,11 @@ def bench(
         bundle = None
         if any(ENGINE_SPECS[label][0] != "torch" for label in labels):
             exported = export_bundle(
-                checkpoint, Path(temp) / "bundle", precisions=graph_precisions(labels), verify=False, progress=progress
+                checkpoint,
+                Path(temp) / "bundle",
+                precisions=graph_precisions(labels),
+                verify=False,
+                progress=ExportSpinner() if progress else None,
             )
             bundle = str(exported.path)
         prepared = Prepared(bundle, str(checkpoint), [f"{model}: random weights (seed {seed})"])
@@ -77,19 +117,7 @@ def bench(
 def results_table(rows: list[dict[str, Any]], title: str):  # noqa: ANN201 - rich Table
 
     table = Table(title=title, title_justify="left")
-    columns = (
-        "engine",
-        "mask",
-        "K",
-        "img/s",
-        "vs torch fp32",
-        "cos cls",
-        "cos mean",
-        "t/t(mask 0)",
-        "GFLOP/s",
-        "of peak",
-    )
-    for name in columns:
+    for name in TABLE_COLUMNS:
         table.add_column(name, justify="left" if name == "engine" else "right", no_wrap=name == "engine")
     if any(row.get("below_gate") for row in rows):
         table.caption = f"! pooled cosine below {GATE} (the int8 export's gate): not accurate enough to be picked"
@@ -115,11 +143,11 @@ def results_table(rows: list[dict[str, Any]], title: str):  # noqa: ANN201 - ric
 
 
 def run_bench(
-    model: str = "mae_vit_base_patch16",
+    model: str = DEFAULT_MODEL,
     engines: str | None = None,
-    batch_size: int = 8,
-    mask_ratio: Sequence[float] = (0.75, 0.0),
-    seconds: float = 5.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    mask_ratio: Sequence[float] = DEFAULT_MASK_RATIOS,
+    seconds: float = DEFAULT_SECONDS,
     json_out: Path | None = None,
     roofline: bool = True,
 ) -> list[dict[str, Any]]:

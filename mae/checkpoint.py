@@ -21,6 +21,7 @@ from . import __version__
 from .core.config import MAEConfig
 from .core.errors import MAEError
 from .core.files import atomic_write_bytes, fault
+from .model import MaskedAutoencoder
 
 FORMAT = "mae-checkpoint"
 FORMAT_VERSION = 1
@@ -151,10 +152,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint_from_payload(payload, path)
 
 
-def save_random_weights(config, path: str | Path, seed: int = 0, decoder: bool = True) -> Path:  # noqa: ANN001
+def save_random_weights(config: MAEConfig, path: str | Path, seed: int = 0, decoder: bool = True) -> Path:
     """A checkpoint of a freshly initialized model (benchmarks of presets), seeded for repeatable numbers."""
-    from .model import MaskedAutoencoder  # model imports nothing of checkpoint: no circle
-
     torch.manual_seed(seed)
     network = MaskedAutoencoder(config, decoder=decoder)
     save_checkpoint(path, network.state_dict(), config)

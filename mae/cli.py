@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from .core.engine_files import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB
 from .core.errors import MAEError
 
 app = typer.Typer(
@@ -121,10 +122,11 @@ def train(
 
     Multi-GPU / multi-node: torchrun --nproc_per_node N -m mae.cli train ... (rank 0 writes).
     """
-    options = dict(locals())  # before the import below adds names to locals()
+    options = dict(locals(), precision=precision.value)  # before the imports below add names to locals()
+    from .reports.train import RichTrainReporter
     from .train import TrainOptions, run_training
 
-    run_training(TrainOptions(**options))
+    run_training(TrainOptions(**options), RichTrainReporter())
 
 
 # -------------------------------------------------------------------------------------------------- export
@@ -137,9 +139,9 @@ def export(
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the verified one).")] = None,
     num_heads: Annotated[int | None, typer.Option(help="Encoder heads, for official checkpoints.")] = None,
     decoder_num_heads: Annotated[int | None, typer.Option(help="Decoder heads, for official checkpoints.")] = None,
-    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile: largest batch.")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile: largest batch.")] = DEFAULT_MAX_BATCH,
     opt_batch: Annotated[int | None, typer.Option(help="TensorRT profile: batch to optimize for.")] = None,
-    workspace: Annotated[float, typer.Option(help="TensorRT workspace, GiB.")] = 4.0,
+    workspace: Annotated[float, typer.Option(help="TensorRT workspace, GiB.")] = DEFAULT_WORKSPACE_GIB,
     calibration: Annotated[
         Path | None,
         typer.Option(
@@ -154,9 +156,14 @@ def export(
     ] = None,
 ) -> None:
     """Export weights to a verified ONNX bundle, or build TensorRT engines from it."""
-    from mae.export import run_export
+    options = dict(locals(), format=format.value, precision=precision.value)  # before the imports add names
+    from mae.export import resolve_format, run_export
 
-    run_export(**locals())
+    from .reports.export import ExportSpinner, print_export_summary
+
+    bundle = run_export(**options, progress=ExportSpinner())
+    if resolve_format(format.value).name == "onnx":  # TensorRT's export ends with a line naming the engines
+        print_export_summary(bundle)
 
 
 # -------------------------------------------------------------------------------------------- reconstruct
@@ -188,10 +195,23 @@ def reconstruct(
     ] = False,
 ) -> None:
     """Reconstruct masked images: original | masked | reconstruction | reconstruction + visible."""
-    options = dict(locals())  # before the import below adds a name
-    from mae.runtime.reconstruct import run_reconstruct
+    from .reports.reconstruct import run_reconstruct
 
-    run_reconstruct(**options)
+    run_reconstruct(
+        images,
+        model,
+        engine=engine.value,
+        provider=provider.value,
+        precision=precision,
+        mask_ratio=mask_ratio,
+        seed=seed,
+        noise=noise,
+        resize=resize.value,
+        out=out,
+        save_arrays=save_arrays,
+        device=device,
+        allow_emulated_bf16=allow_emulated_bf16,
+    )
 
 
 # -------------------------------------------------------------------------------------------------- embed
@@ -228,10 +248,25 @@ def embed(
     Files that cannot be embedded are listed with their reason in OUT/failures/. Run the same command again to
     resume after an interruption; run it with --shard I/N on N machines to split the work.
     """
-    options = dict(locals())  # before the import below adds a name
-    from mae.runtime.embed import run_embed
+    from .reports.embed import run_embed
 
-    run_embed(**options)
+    run_embed(
+        input=input,
+        model=model,
+        out=out,
+        engine=engine.value,
+        provider=provider.value,
+        precision=precision.value if precision is not None else None,
+        pool=pool.value,
+        batch_size=batch_size,
+        workers=workers,
+        resize=resize.value if resize is not None else None,
+        dtype=dtype.value,
+        l2_normalize=l2_normalize,
+        shard=shard,
+        shard_size=shard_size,
+        strict=strict,
+    )
 
 
 # -------------------------------------------------------------------------------------------------- bench
@@ -280,7 +315,7 @@ def info(
     if path is None and not system:
         raise MAEError("Nothing to describe.", hint="pass weights or a bundle (mae info PATH), or mae info --system")
     if system:
-        from mae.runtime.system import print_system_report
+        from .reports.export import print_system_report
 
         print_system_report()
     if path is None:
@@ -288,7 +323,7 @@ def info(
     from .core.bundle import is_bundle
 
     if is_bundle(path):
-        from mae.export.info import describe_bundle
+        from .reports.export import describe_bundle
 
         describe_bundle(path)
     else:

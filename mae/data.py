@@ -273,10 +273,11 @@ def make_loader(
     )
 
 
-def load_preview_images(paths: Sequence[Path], img_size: int) -> tuple[np.ndarray, list[Path], list[SkippedSample]]:
-    """Held-out images as the runtime shows them (`mae reconstruct` preprocessing): float32 [N, 3, S, S]."""
-
-    pre = Preprocessing(size=img_size)
+def load_preview_images(
+    paths: Sequence[Path], pre: Preprocessing
+) -> tuple[np.ndarray, list[Path], list[SkippedSample]]:
+    """Preview images preprocessed by `pre` (for `mae reconstruct`'s pictures, its preprocessing of weights):
+    (float32 [N, 3, S, S], the paths read, the files that could not be)."""
     arrays, used, skipped = [], [], []
     for path in paths:
         try:
@@ -284,7 +285,7 @@ def load_preview_images(paths: Sequence[Path], img_size: int) -> tuple[np.ndarra
             used.append(path)
         except ImageError as exc:
             skipped.append(SkippedSample(str(path), exc.reason, exc.message))
-    stacked = np.stack(arrays) if arrays else np.zeros((0, 3, img_size, img_size), np.float32)
+    stacked = np.stack(arrays) if arrays else np.zeros((0, 3, pre.size, pre.size), np.float32)
     return stacked, used, skipped
 
 

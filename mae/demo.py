@@ -17,20 +17,27 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
 
 from mae.export import export_bundle
 from mae.runtime.embed import embed
 from mae.runtime.engines.auto import GATE
 from mae.runtime.reconstruct import reconstruct, save_picture
 
+from .benchmark import bench
 from .core.errors import MAEError
 from .core.files import atomic_write_bytes, atomic_write_text, make_dirs
 from .core.visualize import mask_to_pixels, panels_picture
+from .data import shipped_photos, split_holdout
+from .reports.embed import EmbedBar
+from .reports.train import RichTrainReporter
+from .train import TrainOptions, TrainResult, run_training
 
 PRESET = "mae_vit_mini_patch8"  # 64 px, 8 px patches, 6 + 2 blocks
 BATCH_SIZE = 32
@@ -43,21 +50,11 @@ SAFETY_MINUTES = 10.0  # wall-clock stop for training only a very slow machine r
 PHOTO_SIDE = 256  # shorter side of the photos written for training
 
 
-@dataclass
-class Photo:
-    name: str
-    path: Path
-
-
 def gather_photos(folder: Path) -> list[Path]:
     """Write the shipped photos to `folder` as PNG, shorter side at most PHOTO_SIDE; returns the sorted paths.
 
     The model sees 64 px crops, so smaller files lose nothing and keep decoding from bounding training speed.
     """
-    from PIL import Image
-
-    from .data import shipped_photos
-
     make_dirs(folder)
     arrays = shipped_photos()
     paths = []
@@ -92,7 +89,7 @@ def mean_colour_baseline_psnr(original: np.ndarray, mask: np.ndarray, patch_size
 TRAINING_FIGURES = "demo_training.json"  # in the run folder: time and speed of the sessions that trained it
 
 
-def training_figures(run_dir: Path, result: Any) -> dict[str, Any]:
+def training_figures(run_dir: Path, result: TrainResult) -> dict[str, Any]:
     """Seconds, images/s and how training ended, over every session that trained this run.
 
     A rerun in the same folder reuses the finished training (a session of 0 s): it reports the figures of the
@@ -125,8 +122,6 @@ def training_steps(minutes: float) -> int:
 
 def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, progress: bool = True) -> dict:
     """Run every step; returns the summary (also written to OUT/summary.json and printed)."""
-    from rich.console import Console
-
     if minutes <= 0:
         raise MAEError(f"--minutes must be positive, got {minutes}")
     console = Console()
@@ -134,46 +129,63 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
     summary: dict[str, Any] = {"seed": seed, "minutes": minutes}
     started = time.perf_counter()
 
-    # 1. Photos -------------------------------------------------------------------------------------------
     console.rule("[bold]1/6 photos")
-    from .data import split_holdout
+    train_paths, held_out = demo_photos(out, console)
+    console.rule("[bold]2/6 pretraining")
+    result, summary["training"] = pretrain(out, len(train_paths), minutes, seed, progress)
+    console.rule("[bold]3/6 export to ONNX (fp32 + int8), verified against PyTorch")
+    bundle_dir, summary["export"] = export_to_onnx(out, result.checkpoint)
+    console.rule("[bold]4/6 reconstruction of the held-out photos")
+    summary["reconstruction"] = reconstruct_held_out(out, held_out, bundle_dir, result.checkpoint, seed)
+    console.rule("[bold]5/6 embedding every photo")
+    summary["embedding"] = embed_photos(out, bundle_dir, progress)
+    console.rule("[bold]6/6 engine benchmark (encoder, batch 8)")
+    summary["bench"] = bench_engines(bundle_dir, minutes, seed, progress)
 
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["summary_json"] = str(out / "summary.json")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    print_summary(summary, console)
+    return summary
+
+
+def demo_photos(out: Path, console: Console) -> tuple[list[Path], list[Path]]:
+    """Step 1: the shipped photos in OUT/photos; -> (training paths, held-out paths)."""
     photo_paths = gather_photos(out / "photos")
     train_paths, held_out = split_holdout(photo_paths, HELD_OUT)
     held_out = sorted(held_out)
     console.print(f"{len(photo_paths)} photos from scikit-image / scikit-learn; held out: {[p.name for p in held_out]}")
+    return train_paths, held_out
 
-    # 2. Pretraining ----------------------------------------------------------------------------------------
-    console.rule("[bold]2/6 pretraining")
-    from .train import TrainOptions, run_training
 
+def pretrain(out: Path, train_images: int, minutes: float, seed: int, progress: bool) -> tuple[TrainResult, dict]:
+    """Step 2: train PRESET in OUT/run for the budget's steps (resumed, or reused, when the folder has a run)."""
     steps = training_steps(minutes)
-    steps_per_epoch = max(1, len(train_paths) * REPEAT // BATCH_SIZE)
+    steps_per_epoch = max(1, train_images * REPEAT // BATCH_SIZE)
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     run_dir = out / "run"
-    result = run_training(
-        TrainOptions(
-            data=out / "photos",
-            model=PRESET,
-            epochs=epochs,
-            warmup_epochs=max(1, epochs // 10),
-            batch_size=BATCH_SIZE,
-            lr=PEAK_LR,
-            mask_ratio=MASK_RATIO,
-            norm_pix_loss=False,  # pixel targets: reconstructions are pictures a person can judge
-            precision="fp32",
-            out=run_dir,
-            seed=seed,
-            workers=1,
-            save_every=max(1, epochs),
-            max_minutes=max(3 * minutes, SAFETY_MINUTES),
-            preview_images=HELD_OUT,
-            repeat=REPEAT,
-            resume=(run_dir / "checkpoint.pt").exists(),
-            progress=progress,
-        )
+    options = TrainOptions(
+        data=out / "photos",
+        model=PRESET,
+        epochs=epochs,
+        warmup_epochs=max(1, epochs // 10),
+        batch_size=BATCH_SIZE,
+        lr=PEAK_LR,
+        mask_ratio=MASK_RATIO,
+        norm_pix_loss=False,  # pixel targets: reconstructions are pictures a person can judge
+        precision="fp32",
+        out=run_dir,
+        seed=seed,
+        workers=1,
+        save_every=max(1, epochs),
+        max_minutes=max(3 * minutes, SAFETY_MINUTES),
+        preview_images=HELD_OUT,
+        repeat=REPEAT,
+        resume=(run_dir / "checkpoint.pt").exists(),
+        progress=progress,
     )
-    summary["training"] = {
+    result = run_training(options, RichTrainReporter())
+    figures = {
         "preset": PRESET,
         "steps": result.global_step,
         "epochs": result.epochs_completed,
@@ -182,20 +194,20 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
         "checkpoint": str(result.checkpoint),
         "loss_curve": str(run_dir / "loss_curve.png"),
     }
+    return result, figures
 
-    # 3. Export ----------------------------------------------------------------------------------------------
-    console.rule("[bold]3/6 export to ONNX (fp32 + int8), verified against PyTorch")
 
+def export_to_onnx(out: Path, checkpoint: Path) -> tuple[Path, dict[str, Any]]:
+    """Step 3: the fp32 + int8 bundle in OUT/bundle, each graph verified against PyTorch."""
     bundle_dir = out / "bundle"
-    bundle = export_bundle(result.checkpoint, bundle_dir, precisions=("fp32", "int8"))
-    report = bundle.manifest.get("verification", {})
-    summary["export"] = {"bundle": str(bundle_dir), "verification": report}
+    bundle = export_bundle(checkpoint, bundle_dir, precisions=("fp32", "int8"))
+    return bundle_dir, {"bundle": str(bundle_dir), "verification": bundle.manifest.get("verification", {})}
 
-    # 4. Reconstruction --------------------------------------------------------------------------------------
-    console.rule("[bold]4/6 reconstruction of the held-out photos")
 
+def reconstruct_held_out(out: Path, held_out: list[Path], bundle_dir: Path, checkpoint: Path, seed: int) -> dict:
+    """Step 4: the held-out photos reconstructed by ONNX Runtime and by PyTorch, against a mean-colour baseline."""
     recon: dict[str, Any] = {}
-    for engine, model in (("onnx", str(bundle_dir)), ("torch", str(result.checkpoint))):
+    for engine, model in (("onnx", str(bundle_dir)), ("torch", str(checkpoint))):
         res = reconstruct(held_out, model, engine=engine, mask_ratio=MASK_RATIO, seed=seed)
         picture = panels_picture(res.panels, MASK_RATIO, res.norm_pix_loss, row_labels=res.row_labels())
         picture_path = out / f"reconstruction_{engine}.png"
@@ -209,22 +221,22 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
             "pred": res.pred,
         }
     recon["onnx_vs_torch_max_abs_pred"] = float(np.max(np.abs(recon["onnx"].pop("pred") - recon["torch"].pop("pred"))))
-    summary["reconstruction"] = recon
+    return recon
 
-    # 5. Embedding -------------------------------------------------------------------------------------------
-    console.rule("[bold]5/6 embedding every photo")
 
+def embed_photos(out: Path, bundle_dir: Path, progress: bool) -> dict[str, Any]:
+    """Step 5: every photo embedded (class token) into OUT/embeddings."""
     embed_dir = out / "embeddings"
     embed_summary = embed(
-        out / "photos", bundle_dir, embed_dir, engine="onnx", pool="cls", batch_size=8, workers=1, progress=progress
-    )
-    summary["embedding"] = {"out": str(embed_dir), "summary": embed_summary}
+        out / "photos", bundle_dir, embed_dir, engine="onnx", pool="cls", batch_size=8, workers=1,
+        progress=EmbedBar() if progress else False,
+    )  # fmt: skip
+    return {"out": str(embed_dir), "summary": embed_summary}
 
-    # 6. Benchmark -------------------------------------------------------------------------------------------
-    console.rule("[bold]6/6 engine benchmark (encoder, batch 8)")
-    from .benchmark import bench
 
-    rows = bench(
+def bench_engines(bundle_dir: Path, minutes: float, seed: int, progress: bool) -> list[dict[str, Any]]:
+    """Step 6: the encoder's speed and agreement per engine, batch 8, at the training mask ratio and unmasked."""
+    return bench(
         str(bundle_dir),
         engines=("torch", "onnx", "onnx-int8", "openvino"),
         batch_size=8,
@@ -233,12 +245,6 @@ def run_demo(out: Path = Path("mae-demo"), minutes: float = 3.0, seed: int = 0, 
         seed=seed,
         progress=progress,
     )
-    summary["bench"] = rows
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    summary["summary_json"] = str(out / "summary.json")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    print_summary(summary, console)
-    return summary
 
 
 def export_parity(verification: dict[str, Any]) -> list[tuple[str, float, bool]]:
@@ -251,9 +257,7 @@ def export_parity(verification: dict[str, Any]) -> list[tuple[str, float, bool]]
     return rows
 
 
-def print_summary(summary: dict[str, Any], console) -> None:  # noqa: ANN001 - rich Console
-    from rich.table import Table
-
+def print_summary(summary: dict[str, Any], console: Console) -> None:
     table = Table(title=f"mae demo (seed {summary['seed']})", show_header=True, header_style="bold")
     table.add_column("step")
     table.add_column("result")

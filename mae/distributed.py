@@ -41,17 +41,25 @@ def _env_int(name: str, default: int) -> int:
         raise MAEError(message, hint="launch with torchrun") from exc
 
 
-def resolve_device(requested: str | None, local_rank: int) -> torch.device:
-    """'auto' / None: this process's GPU when there is one, else the CPU."""
+def resolve_device(requested: str | None = "auto", local_rank: int | None = None) -> torch.device:
+    """The torch device of `--device` (training and the torch engine): cpu, cuda, cuda:N, or "auto" / None for the
+    GPU when there is one, else the CPU. With `local_rank` (a process under torchrun) a GPU without an index is this
+    process's; an explicit CUDA device without a GPU, or any other kind of device, is an error."""
     if requested in (None, "", "auto"):
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise MAEError(f"--device {requested}: CUDA is not available here.", hint="use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
+            return torch.device("cpu")
+        return torch.device("cuda") if local_rank is None else torch.device("cuda", local_rank)
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:  # not a device string torch knows
+        raise MAEError(f"Unknown torch device {requested!r}", hint="use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise MAEError(f"Unknown torch device {requested!r}", hint="use cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        raise MAEError(f"--device {requested} was asked for, but PyTorch sees no CUDA GPU.", hint="use --device cpu")
+    return torch.device("cuda", local_rank) if device.index is None and local_rank is not None else device
 
 
 def init_distributed(requested_device: str | None = None) -> DistInfo:

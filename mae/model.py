@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core.bundle import no_decoder_error
 from .core.config import MAEConfig
 from .core.errors import MAEError
 from .pos_embed import sincos_2d
@@ -222,10 +223,7 @@ class MaskedAutoencoder(nn.Module):
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent [B, 1+K, D], ids_restore [B, L] -> pred [B, L, p*p*C] (normalized pixels if norm_pix_loss)."""
         if not self.has_decoder:
-            raise MAEError(
-                "These weights have no decoder, so they cannot reconstruct images.",
-                hint="load the full weights (e.g. mae_visualize_vit_*.pth or a checkpoint from `mae train`)",
-            )
+            raise no_decoder_error("These weights")
         x = self.decoder_embed(latent)  # [B, 1+K, Dd]
         batch, length = ids_restore.shape
         # Append L mask tokens (not L-K): ids_restore only indexes [0, L), so the surplus is never gathered.

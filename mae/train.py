@@ -23,6 +23,9 @@ Every write goes through `mae.core.files`: atomic (temporary + fsync + rename), 
 permission, a file where the folder should be) stops the run with a message that names the path, the cause, the
 remedy and the checkpoint that is intact. Temporaries a killed run left are removed when the folder is next used
 (only those of dead processes).
+
+Nothing here prints: what a person running the training should see (the opening lines, notes, skipped files,
+progress, the end summary) goes to the `TrainReporter` that `run_training` is given; the default says nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +64,8 @@ from .core.files import (
     make_dirs,
     remove_leftovers,
 )
-from .core.masking import random_noise
-from .core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .core.masking import masking_from_noise, random_noise
+from .core.preprocess import Preprocessing
 from .core.visualize import build_panels, masked_metrics, panels_picture
 from .data import (
     Batch,
@@ -79,7 +83,7 @@ from .plots import save_loss_curve
 from .weights import load_weights, resize_weights
 
 DEFAULT_PRESET = "mae_vit_base_patch16"
-PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_PRECISIONS = ("fp32", "bf16", "fp16")  # --precision of training: autocast modes (not a bundle's graphs)
 ADAMW_BETAS = (0.9, 0.95)
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -88,7 +92,8 @@ PREVIEWS = "previews"
 RUN_FILE = "run.json"
 LOCK = ".lock"
 PREVIEW_SEED = 0  # masking noise of the previews: the same patches hidden every epoch
-# Options that decide what a run computes: resuming with different values would not continue the same run.
+# What decides what a run computes (options, the peak lr they give, the number of processes): resuming with other
+# values would not continue the same run. Checkpoints record them under "train"; --resume compares them.
 RUN_DEFINING = (
     "epochs",
     "warmup_epochs",
@@ -99,6 +104,7 @@ RUN_DEFINING = (
     "weight_decay",
     "seed",
     "repeat",
+    "world_size",
 )
 MAX_SEED = 2**53  # seed * 1000 + rank still fits the int64 seeds of torch generators
 # Temporaries of the run folder's files (mae.core.files names them .NAME.OWNER.RANDOM.tmp): NAME of each.
@@ -139,7 +145,7 @@ class TrainOptions:
     checkpoint_minutes: float = 10.0  # also refresh checkpoint.pt mid-epoch this often
     log_every: int = 1  # optimizer steps between "step" lines in log.jsonl
     preview_images: int = 4  # held out of training and reconstructed after every epoch
-    progress: bool = True  # rich progress bar (rank 0)
+    progress: bool = True  # a progress bar (rank 0), when the reporter draws one
 
 
 @dataclass
@@ -159,6 +165,71 @@ class TrainResult:
     log: Path | None = None
     loss_curve: Path | None = None
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), the whole run
+
+
+@dataclass(frozen=True)
+class TrainStart:
+    """What a run is about to do (`TrainReporter.started`)."""
+
+    name: str  # the preset, or the --init weights
+    config: MAEConfig
+    trainable_parameters: int
+    mask_ratio: float
+    data: Path
+    num_images: int  # in the data folder
+    train_images: int
+    preview_images: int
+    previews_held_out: bool  # False: the previews are training images (too few to hold any out)
+    world_size: int
+    device: str  # this process's
+    precision: str
+    batch_size: int  # per process
+    accum_iter: int
+    peak_lr: float
+    optimizer_steps_per_epoch: int
+    resumed_at: tuple[float, int] | None  # (fractional epoch, optimizer step) of a resumed run
+    notes: list[str]  # what the user should know about the --init weights
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One optimizer step (`TrainReporter.stepped`)."""
+
+    epoch: int  # 1-based: the epoch being trained
+    epochs: int
+    loss: float | None  # mean over the accumulation group; None when every file of it was unreadable
+    lr: float
+    images_per_s: float  # all ranks, since the last "step" log line
+
+
+class TrainReporter:
+    """What a training tells the person running it; only rank 0's is called. This one says nothing: the app
+    (`mae train`, `mae demo`) passes a reporter that prints."""
+
+    def note(self, text: str) -> None:
+        """Something the user should know."""
+
+    def skipped(self, message: str) -> None:
+        """A training file that could not be read (each file once)."""
+
+    def started(self, start: TrainStart) -> None:
+        """Training begins (or resumes)."""
+
+    def progress(self, total: int, completed: int) -> AbstractContextManager:
+        """Held around the epochs: `total` micro-batches in the run, `completed` of them done before."""
+        return contextlib.nullcontext()
+
+    def advanced(self, epoch: int, epochs: int) -> None:
+        """One micro-batch of the 1-based `epoch` done."""
+
+    def stepped(self, step: StepReport) -> None:
+        """One optimizer step done."""
+
+    def finished(self, result: TrainResult, opts: TrainOptions) -> None:
+        """The session ended; `result.stopped` says how ("already_complete": there was nothing left to train)."""
+
+
+SILENT = TrainReporter()
 
 
 # ------------------------------------------------------------------------------------------------- recipe
@@ -215,8 +286,8 @@ def _option_problems(opts: TrainOptions) -> list[str]:
         if not ok:
             problems.append(f"{flag(name)} must be {wanted}, got {getattr(opts, name)!r}")
 
-    if opts.precision not in PRECISIONS:
-        problems.append(f"--precision {opts.precision!r} must be one of {', '.join(PRECISIONS)}")
+    if opts.precision not in AUTOCAST_PRECISIONS:
+        problems.append(f"--precision {opts.precision!r} must be one of {', '.join(AUTOCAST_PRECISIONS)}")
     for name, least in (
         ("epochs", 1),
         ("batch_size", 1),
@@ -325,6 +396,26 @@ class _StopRequests:
             signal.signal(signum, handler)
 
 
+@dataclass
+class _Session:
+    """What this process's call of `train` counts, besides the run's position (which the checkpoint holds)."""
+
+    started: float  # time.monotonic()
+    stopped: str = "completed"  # or why the session stops: a TrainResult.stopped
+    images: int = 0  # trained in this session, all ranks together
+    last_checkpoint: float = 0.0  # when checkpoint.pt was last written (for --checkpoint-minutes)
+    interval_images: int = 0  # images since the last "step" log line (its images_per_s)
+    interval_start: float = 0.0
+    epoch_checkpoints: list[Path] = field(default_factory=list)
+    previews: list[Path] = field(default_factory=list)
+
+    def add_outputs(self, outputs: tuple[Path | None, Path | None]) -> None:
+        """An epoch end's (checkpoint-{epoch}.pt, preview), each None when that epoch wrote none."""
+        checkpoint, preview = outputs
+        self.epoch_checkpoints += [checkpoint] if checkpoint else []
+        self.previews += [preview] if preview else []
+
+
 def _json_line(path: Path, record: dict[str, Any]) -> None:
     """Append one record. A line cut short (full disk, kill) is dropped when the run resumes (`_read_log`)."""
     with faults(path, "append to"), open(path, "a", encoding="utf-8") as handle:
@@ -390,7 +481,7 @@ def unreadable_data_message(train_files: int, tried: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ trainer
 class _Trainer:
-    def __init__(self, opts: TrainOptions, dist_info: DistInfo) -> None:
+    def __init__(self, opts: TrainOptions, dist_info: DistInfo, reporter: TrainReporter = SILENT) -> None:
         self.opts = opts
         self.dist = dist_info
         self.device = dist_info.device
@@ -402,14 +493,34 @@ class _Trainer:
         self.last_saved: dict[str, Any] | None = None  # the position in checkpoint.pt as last written, if any
         self.pending_epoch_outputs = False  # resumed at an epoch end whose outputs were not all written
         self.training = False  # True once `train` has begun (setup is over)
-        from rich.console import Console
-
-        self.console = Console(stderr=True, quiet=not self.is_main)
+        self.report = reporter if self.is_main else SILENT  # rank 0 speaks for the run
+        self.bar = self.report if opts.progress else SILENT  # the progress calls
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        """Check the options and the folder, find the data, build the model and the optimizer, restore a resumed
+        run's position (or prepare a new run's folder)."""
         opts = self.opts
         _check_options(opts, self.device)
+        self._check_folder()
+        self._find_data()
+        resume_payload = load_checkpoint(self.checkpoint_path) if opts.resume else None
+        self.peak_lr = peak_learning_rate(opts.blr, opts.lr, opts.batch_size, opts.accum_iter, self.dist.world_size)
+        self.config, self.preset, initial_state, self.init_notes = self._resolve_model(resume_payload)
+        self.num_kept = self.config.num_kept(opts.mask_ratio)
+        if self.num_kept < 1:
+            raise MAEError(
+                f"--mask-ratio {opts.mask_ratio} keeps no patch of the {self.config.num_patches}.",
+                hint="lower --mask-ratio",
+            )
+        self._make_loader()
+        self._make_model(initial_state)
+        self._start_position(resume_payload)
+        barrier(self.dist)  # rank 0 has prepared the folder before anyone goes on
+
+    def _check_folder(self) -> None:
+        """Claim an existing run folder; --resume needs a checkpoint in it, a new run needs none."""
+        opts = self.opts
         with faults(self.out, "read"):
             out_exists = self.out.exists() or self.out.is_symlink()
         if out_exists and self.is_main:
@@ -420,29 +531,27 @@ class _Trainer:
                 hint="check --out, or start a new run without --resume",
             )
         if not opts.resume and self.checkpoint_path.exists():
-            raise MAEError(
-                f"{self.out} already holds a run ({CHECKPOINT}); it would be overwritten.",
-                hint="pass --resume to continue it, or choose another --out",
-            )
+            raise self._run_exists()
         if opts.resume and opts.init is not None:
-            self.console.print("[yellow]note:[/] --init is ignored with --resume (the weights come from the run)")
+            self.report.note("--init is ignored with --resume (the weights come from the run)")
 
-        all_paths = find_images(opts.data)
-        self.train_paths, held_out = split_holdout(all_paths, opts.preview_images)
-        self.preview_paths = held_out or self.train_paths[: opts.preview_images]
+    def _run_exists(self) -> MAEError:
+        return MAEError(
+            f"{self.out} already holds a run ({CHECKPOINT}); it would be overwritten.",
+            hint="pass --resume to continue it, or choose another --out",
+        )
+
+    def _find_data(self) -> None:
+        """The images, the training ones and the previews (held out when there are enough)."""
+        all_paths = find_images(self.opts.data)
+        self.train_paths, held_out = split_holdout(all_paths, self.opts.preview_images)
+        self.preview_paths = held_out or self.train_paths[: self.opts.preview_images]
         self.previews_held_out = bool(held_out)
         self.num_images = len(all_paths)
 
-        resume_payload = load_checkpoint(self.checkpoint_path) if opts.resume else None
-        self.config, self.preset, initial_state, self.init_notes = self._resolve_model(resume_payload)
-        self.num_kept = self.config.num_kept(opts.mask_ratio)
-        if self.num_kept < 1:
-            raise MAEError(
-                f"--mask-ratio {opts.mask_ratio} keeps no patch of the {self.config.num_patches}.",
-                hint="lower --mask-ratio",
-            )
-
-        self.peak_lr = peak_learning_rate(opts.blr, opts.lr, opts.batch_size, opts.accum_iter, self.dist.world_size)
+    def _make_loader(self) -> None:
+        """This rank's batches; refused when an epoch would give no batch or no optimizer step."""
+        opts = self.opts
         self.sampler = ShardedBatchSampler(
             len(self.train_paths) * opts.repeat, opts.batch_size, opts.seed, self.dist.rank, self.dist.world_size
         )
@@ -466,7 +575,9 @@ class _Trainer:
         )
         self.loader = make_loader(self.dataset, self.sampler, opts.workers, pin_memory=self.device.type == "cuda")
 
-        torch.manual_seed(opts.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    def _make_model(self, initial_state: dict[str, torch.Tensor] | None) -> None:
+        """The model (DDP-wrapped under torchrun), AdamW with the recipe's groups, the fp16 grad scaler."""
+        torch.manual_seed(self.opts.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = MaskedAutoencoder(self.config).to(self.device)
         if initial_state is not None:
             self._load_initial_state(initial_state)
@@ -475,10 +586,12 @@ class _Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.optimizer = torch.optim.AdamW(
-            weight_decay_groups(self.model, opts.weight_decay), lr=self.peak_lr, betas=ADAMW_BETAS
+            weight_decay_groups(self.model, self.opts.weight_decay), lr=self.peak_lr, betas=ADAMW_BETAS
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=opts.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.opts.precision == "fp16")
 
+    def _start_position(self, resume_payload: dict[str, Any] | None) -> None:
+        """The position a resumed run restores, or the start of a new run (whose folder rank 0 prepares)."""
         # position: the next batch to train is batch `batch` of epoch `epoch`; `step` optimizer steps are done
         self.epoch, self.batch, self.step, self.images_seen = 0, 0, 0, 0
         self.skipped: dict[str, str] = {}  # path -> reason, the whole run
@@ -491,14 +604,10 @@ class _Trainer:
             if self.lock is None:  # a new folder: made only now that the data and the options are known good
                 self._claim_folder()
                 if self.checkpoint_path.exists():  # another run got here first
-                    raise MAEError(
-                        f"{self.out} already holds a run ({CHECKPOINT}); it would be overwritten.",
-                        hint="pass --resume to continue it, or choose another --out",
-                    )
+                    raise self._run_exists()
             with faults(self.log_path, "remove"):
                 self.log_path.unlink(missing_ok=True)  # a log without a checkpoint belongs to no resumable run
             self._write_run_file()
-        barrier(self.dist)  # rank 0 has prepared the folder before anyone goes on
 
     def _claim_folder(self) -> None:
         """Make the run folder, lock it for this process, remove the temporaries killed runs left in it."""
@@ -510,9 +619,9 @@ class _Trainer:
         ).acquire()
         removed = _remove_leftovers(self.out)
         if removed:
-            self.console.print(
-                f"[yellow]note:[/] removed {_plural(removed, 'unfinished temporary file')} that a killed run left in "
-                f"{self.out} (nothing in them was ever used)"
+            self.report.note(
+                f"removed {_plural(removed, 'unfinished temporary file')} that a killed run left in {self.out} "
+                "(nothing in them was ever used)"
             )
 
     def close(self) -> None:
@@ -560,27 +669,19 @@ class _Trainer:
         config = get_preset(preset, img_size=opts.img_size, patch_size=opts.patch_size).replace(**overrides)
         return config, preset, None, []
 
+    def _run_defining(self) -> dict[str, Any]:
+        """The RUN_DEFINING values of this run, in that order."""
+        given = {"peak_lr": self.peak_lr, "world_size": self.dist.world_size}
+        return {name: given[name] if name in given else getattr(self.opts, name) for name in RUN_DEFINING}
+
     def _check_same_run(self, config: MAEConfig, wanted: MAEConfig, run: dict[str, Any]) -> None:
-        opts = self.opts
         differences = [
             f"{name}: the run has {value!r}, now {getattr(wanted, name)!r}"
             for name, value in config.to_dict().items()
             if getattr(wanted, name) != value
         ]
-        now = {
-            "epochs": opts.epochs,
-            "warmup_epochs": opts.warmup_epochs,
-            "batch_size": opts.batch_size,
-            "accum_iter": opts.accum_iter,
-            "peak_lr": peak_learning_rate(opts.blr, opts.lr, opts.batch_size, opts.accum_iter, self.dist.world_size),
-            "min_lr": opts.min_lr,
-            "weight_decay": opts.weight_decay,
-            "seed": opts.seed,
-            "repeat": opts.repeat,
-            "world_size": self.dist.world_size,
-        }
-        for name in (*RUN_DEFINING, "world_size"):
-            before, after = run.get(name), now[name]
+        for name, after in self._run_defining().items():
+            before = run.get(name)
             same = math.isclose(before, after, rel_tol=1e-12) if isinstance(after, float) else before == after
             if not same:
                 differences.append(f"{name}: the run has {before!r}, now {after!r}")
@@ -616,9 +717,9 @@ class _Trainer:
             _set_rng_state(rng_states[self.dist.rank])
         data = payload.get("data", {})
         if data.get("num_images") not in (None, self.num_images):
-            self.console.print(
-                f"[yellow]note:[/] the data folder now has {self.num_images} images, the run started with "
-                f"{data['num_images']}: the resumed run does not see the data an uninterrupted one would"
+            self.report.note(
+                f"the data folder now has {self.num_images} images, the run started with {data['num_images']}: the "
+                "resumed run does not see the data an uninterrupted one would"
             )
         self.last_saved = dict(position)
         if self.is_main:
@@ -668,20 +769,7 @@ class _Trainer:
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(),
             rng=rng_states,
-            train={
-                "preset": self.preset,
-                "epochs": opts.epochs,
-                "warmup_epochs": opts.warmup_epochs,
-                "batch_size": opts.batch_size,
-                "accum_iter": opts.accum_iter,
-                "peak_lr": self.peak_lr,
-                "min_lr": opts.min_lr,
-                "weight_decay": opts.weight_decay,
-                "seed": opts.seed,
-                "repeat": opts.repeat,
-                "world_size": self.dist.world_size,
-                "precision": opts.precision,
-            },
+            train={"preset": self.preset, **self._run_defining(), "precision": opts.precision},
             data={"num_images": self.num_images, "train_images": len(self.train_paths)},
             epoch_losses=list(self.epoch_losses),
             last_epoch_loss=self.last_epoch_loss,
@@ -783,104 +871,104 @@ class _Trainer:
         yield from enumerate(self.loader, start=self.batch)
 
     def train(self) -> TrainResult:
+        """Train from the position set up to the last epoch, or until a stop (a limit, a signal)."""
         self.training = True
-        opts = self.opts
-        started = time.monotonic()
-        session_images = 0
-        stopped = "completed"
-        previews: list[Path] = []
-        epoch_checkpoints: list[Path] = []
+        session = _Session(started=time.monotonic())
         if self.pending_epoch_outputs:
-            path, preview = self._epoch_outputs(self.last_epoch_loss, set(self.skipped))
-            epoch_checkpoints += [path] if path else []
-            previews += [preview] if preview else []
-        if self.epoch >= opts.epochs:
-            self.console.print(f"The run in {self.out} has already done its {opts.epochs} epochs.")
-            seconds = time.monotonic() - started
-            return self._result("already_complete", session_images, seconds, epoch_checkpoints, previews)
+            session.add_outputs(self._epoch_outputs(self.last_epoch_loss, set(self.skipped)))
+        if self.epoch >= self.opts.epochs:
+            session.stopped = "already_complete"
+            return self._result(session, time.monotonic() - session.started)
         self._announce()
         if self.opts.resume and self.is_main:
             _json_line(self.log_path, {"event": "resumed", "step": self.step, "epoch": self._epoch_float()})
-        last_checkpoint = time.monotonic()
-        interval_images, interval_start = 0, time.monotonic()
-        progress = self._progress()
-        task = progress.add_task("", total=opts.epochs * self.steps_per_epoch, completed=self._micro_done())
+        session.last_checkpoint = session.interval_start = time.monotonic()
+        total = self.opts.epochs * self.steps_per_epoch
         self.model.train()
-        with progress, _StopRequests() as signals:
-            while self.epoch < opts.epochs and stopped == "completed":
-                self.optimizer.zero_grad(set_to_none=True)  # a partial accumulation group never crosses epochs
-                group_losses: list[float] = []
-                for batch_index, batch in self._epoch_batches():
-                    self._note_skipped(batch.skipped)
-                    if batch_index % opts.accum_iter == 0:
-                        lr = learning_rate(
-                            batch_index / self.steps_per_epoch + self.epoch,
-                            self.peak_lr,
-                            opts.min_lr,
-                            opts.warmup_epochs,
-                            opts.epochs,
-                        )
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = lr
-                    update = (batch_index + 1) % opts.accum_iter == 0
-                    loss, images = self._forward_backward(batch, sync=update)
-                    if loss is not None:
-                        group_losses.append(loss)
-                    session_images += images
-                    interval_images += images
-                    self.images_seen += images
-                    progress.update(task, advance=1, description=f"epoch {self.epoch + 1}/{opts.epochs}")
-                    if not update:
-                        continue
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    self.batch = batch_index + 1
-                    step_loss = sum(group_losses) / len(group_losses) if group_losses else None
-                    group_losses = []
-                    if step_loss is not None:
-                        self.epoch_losses.append(step_loss)
-                    now = time.monotonic()
-                    images_per_s = interval_images / max(now - interval_start, 1e-9)
-                    if self.step % opts.log_every == 0:
-                        self._log_step(step_loss, self.optimizer.param_groups[0]["lr"], images_per_s)
-                        interval_images, interval_start = 0, now
-                    loss_text = f"{step_loss:.4f}" if step_loss is not None else "n/a"
-                    progress.update(
-                        task,
-                        description=f"epoch {self.epoch + 1}/{opts.epochs}  loss {loss_text}  "
-                        f"lr {self.optimizer.param_groups[0]['lr']:.2e}  {images_per_s:.1f} img/s",
-                    )
-                    reason = self._stop_reason(started, signals)
-                    if reason is not None:
-                        stopped = reason
-                        if self.batch < self.steps_per_epoch:  # mid-epoch: checkpoint this position and leave
-                            self._save()
-                            break
-                    elif self.batch < self.steps_per_epoch and now - last_checkpoint >= opts.checkpoint_minutes * 60:
-                        self._save()
-                        last_checkpoint = time.monotonic()
-                else:
-                    # the epoch ran to its end (also when a stop was asked at its last optimizer step)
-                    path, preview = self._end_epoch()
-                    last_checkpoint = time.monotonic()
-                    epoch_checkpoints += [path] if path else []
-                    previews += [preview] if preview else []
-                    if stopped == "completed" and self.epoch < opts.epochs:
-                        reason = self._stop_reason(started, signals)
-                        stopped = reason or stopped
-                    continue
-                break  # left mid-epoch
-            if stopped != "completed" and self.is_main:
-                _json_line(
-                    self.log_path,
-                    {"event": "stopped", "reason": stopped, "step": self.step, "epoch": self._epoch_float()},
-                )
-        seconds = time.monotonic() - started
+        with self.bar.progress(total, self._micro_done()), _StopRequests() as signals:
+            while self.epoch < self.opts.epochs and session.stopped == "completed":
+                if not self._train_epoch(session, signals):
+                    break  # left mid-epoch
+            if session.stopped != "completed" and self.is_main:
+                record = {"event": "stopped", "reason": session.stopped, "step": self.step}
+                _json_line(self.log_path, {**record, "epoch": self._epoch_float()})
+        seconds = time.monotonic() - session.started
         self._draw_loss_curve()
         barrier(self.dist)
-        return self._result(stopped, session_images, seconds, epoch_checkpoints, previews)
+        return self._result(session, seconds)
+
+    def _train_epoch(self, session: _Session, signals: _StopRequests) -> bool:
+        """The rest of the current epoch, then its end (checkpoint and outputs). False: the run stopped mid-epoch
+        (its position checkpointed)."""
+        self.optimizer.zero_grad(set_to_none=True)  # a partial accumulation group never crosses epochs
+        group_losses: list[float] = []
+        for batch_index, batch in self._epoch_batches():
+            if not self._micro_step(batch_index, batch, session, group_losses):
+                continue
+            step_loss = self._optimizer_step(batch_index, group_losses)
+            if not self._after_step(step_loss, session, signals):
+                return False
+        # the epoch ran to its end (also when a stop was asked at its last optimizer step)
+        session.add_outputs(self._end_epoch())
+        session.last_checkpoint = time.monotonic()
+        if session.stopped == "completed" and self.epoch < self.opts.epochs:
+            session.stopped = self._stop_reason(session.started, signals) or session.stopped
+        return True
+
+    def _micro_step(self, batch_index: int, batch: Batch, session: _Session, group_losses: list[float]) -> bool:
+        """One micro-batch: the learning rate at the start of an accumulation group, forward and backward.
+        -> whether it ends the group (an optimizer step is due)."""
+        opts = self.opts
+        self._note_skipped(batch.skipped)
+        if batch_index % opts.accum_iter == 0:
+            epoch = batch_index / self.steps_per_epoch + self.epoch
+            lr = learning_rate(epoch, self.peak_lr, opts.min_lr, opts.warmup_epochs, opts.epochs)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        update = (batch_index + 1) % opts.accum_iter == 0
+        loss, images = self._forward_backward(batch, sync=update)
+        if loss is not None:
+            group_losses.append(loss)
+        session.images += images
+        session.interval_images += images
+        self.images_seen += images
+        self.bar.advanced(self.epoch + 1, opts.epochs)
+        return update
+
+    def _optimizer_step(self, batch_index: int, group_losses: list[float]) -> float | None:
+        """Apply the accumulated gradients; -> the group's mean loss (None when it saw no image)."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.batch = batch_index + 1
+        step_loss = sum(group_losses) / len(group_losses) if group_losses else None
+        group_losses.clear()
+        if step_loss is not None:
+            self.epoch_losses.append(step_loss)
+        return step_loss
+
+    def _after_step(self, step_loss: float | None, session: _Session, signals: _StopRequests) -> bool:
+        """Log and report the step, then stop or checkpoint when due. False: leave the epoch (stopped mid-epoch)."""
+        opts = self.opts
+        now = time.monotonic()
+        lr = self.optimizer.param_groups[0]["lr"]
+        images_per_s = session.interval_images / max(now - session.interval_start, 1e-9)
+        if self.step % opts.log_every == 0:
+            self._log_step(step_loss, lr, images_per_s)
+            session.interval_images, session.interval_start = 0, now
+        self.bar.stepped(StepReport(self.epoch + 1, opts.epochs, step_loss, lr, images_per_s))
+        reason = self._stop_reason(session.started, signals)
+        mid_epoch = self.batch < self.steps_per_epoch
+        if reason is not None:
+            session.stopped = reason
+            if mid_epoch:  # checkpoint this position and leave
+                self._save()
+                return False
+        elif mid_epoch and now - session.last_checkpoint >= opts.checkpoint_minutes * 60:
+            self._save()
+            session.last_checkpoint = time.monotonic()
+        return True
 
     def _micro_done(self) -> int:
         return self.epoch * self.steps_per_epoch + self.batch
@@ -890,7 +978,7 @@ class _Trainer:
             if sample.path not in self.skipped:
                 self.skipped[sample.path] = sample.reason
                 if self.is_main:
-                    self.console.print(f"[yellow]skipped[/] {sample.message}")
+                    self.report.skipped(sample.message)
                     self._log_skipped(sample.path)
 
     def _log_skipped(self, path: str) -> None:
@@ -962,27 +1050,19 @@ class _Trainer:
         return epoch_path, preview
 
     # ------------------------------------------------------------------------------------------ outputs
-    @torch.no_grad()
     def _write_preview(self) -> Path | None:
-        """Reconstructions of the preview images with fixed masking, drawn by mae.core.visualize."""
-
-        pixel_values, used, _ = load_preview_images(self.preview_paths, self.config.img_size)
+        """Reconstructions of the preview images as `mae reconstruct` makes them: its preprocessing, masking from
+        seeded noise (the same patches hidden every epoch) and the pictures and metrics of mae.core.visualize."""
+        pre = Preprocessing(size=self.config.img_size)
+        pixel_values, used, _ = load_preview_images(self.preview_paths, pre)
         if not used:
             return None
-        noise = random_noise(len(used), self.config.num_patches, seed=PREVIEW_SEED)  # [N, L], as `mae reconstruct`
-        was_training = self.model.training
-        self.model.eval()
-        output = self.model(
-            torch.from_numpy(pixel_values).to(self.device),
-            mask_ratio=self.opts.mask_ratio,
-            noise=torch.from_numpy(noise),
-        )
-        self.model.train(was_training)
-        pred = output.pred.float().cpu().numpy()  # [N, L, p*p*3]
-        mask = output.mask.float().cpu().numpy()  # [N, L]
-        args = (self.config.patch_size, IMAGENET_MEAN, IMAGENET_STD, self.config.norm_pix_loss)
-        panels = build_panels(pixel_values, pred, mask, *args)
-        metrics = masked_metrics(pixel_values, pred, mask, *args, panels=panels)
+        noise = random_noise(len(used), self.config.num_patches, seed=PREVIEW_SEED)  # [N, L]
+        masking = masking_from_noise(noise, self.opts.mask_ratio)
+        pred = self._predict(pixel_values, masking.ids_keep, masking.ids_restore)  # [N, L, p*p*3]
+        visual = (self.config.patch_size, pre.mean, pre.std, self.config.norm_pix_loss)
+        panels = build_panels(pixel_values, pred, masking.mask, *visual)
+        metrics = masked_metrics(pixel_values, pred, masking.mask, *visual, panels=panels)
         origin = "held out" if self.previews_held_out else "trained on"
         labels = [
             f"epoch {self.epoch} · {path.name} ({origin}) · loss {loss:.4f} · PSNR {psnr:.1f} dB"
@@ -994,6 +1074,18 @@ class _Trainer:
         path = self.out / PREVIEWS / f"epoch_{self.epoch:04d}.png"
         atomic_write_bytes(path, buffer.getvalue())
         return path
+
+    @torch.no_grad()
+    def _predict(self, pixel_values: np.ndarray, ids_keep: np.ndarray, ids_restore: np.ndarray) -> np.ndarray:
+        """The decoder's prediction [N, L, p*p*3] for the kept patches, in eval mode (fp32)."""
+        was_training = self.model.training
+        self.model.eval()
+        latent = self.model.forward_encoder(
+            torch.from_numpy(pixel_values).to(self.device), torch.from_numpy(ids_keep).to(self.device)
+        )  # [N, 1+K, D]
+        pred = self.model.forward_decoder(latent, torch.from_numpy(ids_restore).to(self.device))
+        self.model.train(was_training)
+        return pred.float().cpu().numpy()
 
     def _draw_loss_curve(self) -> None:
         if not self.is_main or not self.history:
@@ -1007,94 +1099,63 @@ class _Trainer:
             title=f"MAE pretraining, {self.preset or 'from ' + str(self.opts.init)}",
         )
 
-    def _progress(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        return Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not (self.opts.progress and self.is_main),
-        )
-
     def _announce(self) -> None:
         opts = self.opts
-        parameters = count_parameters(self.model, trainable_only=True)
-        held = "held out" if self.previews_held_out else "from the training set (too few images to hold out)"
-        lines = [
-            f"[bold]mae train[/] {self.preset or opts.init}: {self.config.img_size} px, patch "
-            f"{self.config.patch_size}, {parameters / 1e6:.2f} M trainable parameters, "
-            f"norm_pix_loss={self.config.norm_pix_loss}, mask {opts.mask_ratio:.0%}",
-            f"data: {self.num_images} images in {opts.data} ({len(self.train_paths)} for training, "
-            f"{len(self.preview_paths)} previews {held})",
-            f"{self.dist.world_size} process(es) on {self.device}, {opts.precision}; batch {opts.batch_size} x accum "
-            f"{opts.accum_iter} x {self.dist.world_size} = {opts.batch_size * opts.accum_iter * self.dist.world_size}"
-            f", peak lr {self.peak_lr:.3e}, {self.steps_per_epoch // opts.accum_iter} optimizer steps per epoch",
-        ]
-        if opts.resume:
-            lines.append(f"resuming at epoch {self._epoch_float():.3f}, optimizer step {self.step}")
-        lines += [f"[yellow]note:[/] {note}" for note in self.init_notes]
-        for line in lines:
-            self.console.print(line)
+        start = TrainStart(
+            name=str(self.preset or opts.init),
+            config=self.config,
+            trainable_parameters=count_parameters(self.model, trainable_only=True),
+            mask_ratio=opts.mask_ratio,
+            data=Path(opts.data),
+            num_images=self.num_images,
+            train_images=len(self.train_paths),
+            preview_images=len(self.preview_paths),
+            previews_held_out=self.previews_held_out,
+            world_size=self.dist.world_size,
+            device=str(self.device),
+            precision=opts.precision,
+            batch_size=opts.batch_size,
+            accum_iter=opts.accum_iter,
+            peak_lr=self.peak_lr,
+            optimizer_steps_per_epoch=self.steps_per_epoch // opts.accum_iter,
+            resumed_at=(self._epoch_float(), self.step) if opts.resume else None,
+            notes=list(self.init_notes),
+        )
+        self.report.started(start)
 
-    def _result(self, stopped: str, session_images: int, seconds: float, epoch_checkpoints, previews) -> TrainResult:
-        if self.is_main and stopped != "already_complete":
-            self._report(stopped, session_images, seconds)
+    def _result(self, session: _Session, seconds: float) -> TrainResult:
         loss_curve = self.out / LOSS_CURVE
-        return TrainResult(
+        result = TrainResult(
             final_loss=self._final_loss(),
             epochs_completed=self.epoch,
             epoch_position=self._epoch_float(),
             global_step=self.step,
-            images_per_s=session_images / seconds if seconds > 0 else 0.0,
+            images_per_s=session.images / seconds if seconds > 0 else 0.0,
             seconds=seconds,
-            stopped=stopped,
+            stopped=session.stopped,
             out=self.out,
             checkpoint=self.checkpoint_path,
             config=self.config,
-            epoch_checkpoints=epoch_checkpoints,
-            previews=previews,
+            epoch_checkpoints=session.epoch_checkpoints,
+            previews=session.previews,
             log=self.log_path,
             loss_curve=loss_curve if loss_curve.is_file() else None,
             skipped_files=sorted(self.skipped.items()),
         )
+        self.report.finished(result, self.opts)
+        return result
 
     def _final_loss(self) -> float | None:
         """Mean loss of the current (partial) epoch, else of the last finished one."""
         return sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else self.last_epoch_loss
 
-    def _report(self, stopped: str, session_images: int, seconds: float) -> None:
-        final = self._final_loss()
-        how = {
-            "completed": "done",
-            "max_minutes": f"stopped after --max-minutes {self.opts.max_minutes}",
-            "max_steps": f"stopped after --max-steps {self.opts.max_steps}",
-            "interrupted": "interrupted",
-        }[stopped]
-        loss_text = f"{final:.4f}" if final is not None else "n/a"
-        self.console.print(
-            f"[bold green]{how}[/]: epoch {self._epoch_float():.3f}/{self.opts.epochs}, optimizer step {self.step}, "
-            f"loss {loss_text} (mean of the epoch), {session_images / max(seconds, 1e-9):.1f} images/s over "
-            f"{seconds:.0f} s"
-        )
-        if self.skipped:
-            shown = list(sorted(self.skipped.items()))[:5]
-            more = f" (+{len(self.skipped) - len(shown)} more in {self.log_path})" if len(self.skipped) > 5 else ""
-            listed = ", ".join(f"{Path(p).name} ({r})" for p, r in shown)
-            self.console.print(f"[yellow]{len(self.skipped)} unreadable file(s) skipped:[/] {listed}{more}")
-        self.console.print(f"checkpoint: {self.checkpoint_path}  log: {self.log_path}")
-        if stopped != "completed":
-            self.console.print(f"continue with: mae train ... --out {self.out} --resume")
 
-
-def run_training(opts: TrainOptions) -> TrainResult:
-    """Train (or resume) an MAE as `opts` say; see the module docstring for what is written."""
-    opts = TrainOptions(**{**asdict(opts), "precision": str(getattr(opts.precision, "value", opts.precision))})
+def run_training(opts: TrainOptions, reporter: TrainReporter = SILENT) -> TrainResult:
+    """Train (or resume) an MAE as `opts` say; see the module docstring for what is written. `reporter` hears what
+    a person running it should see (progress, notes, the end); the default says nothing."""
     dist_info = init_distributed(opts.device)
     try:
-        trainer = _Trainer(opts, dist_info)
+        trainer = _Trainer(opts, dist_info, reporter)
         try:
             trainer.setup()
             return trainer.train()

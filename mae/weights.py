@@ -1,7 +1,7 @@
 """Load the weights people have: our checkpoints, official MAE .pth files, Hugging Face ViTMAE directories.
 
-Everything is converted to one layout, the original MAE state-dict names (see DESIGN.md "Weights"), and
-described by an `MAEConfig`:
+Everything is converted to one layout, the original MAE state-dict names (those of facebookresearch/mae, which
+`mae.model` uses), and described by an `MAEConfig`:
 
 - our checkpoints (`mae train`) carry their config;
 - official facebookresearch/mae files (`{'model': state_dict}`, also bare state dicts, `{'state_dict': ...}`,
@@ -32,8 +32,6 @@ from .core.files import sha256_file
 from .core.hf import HF_WEIGHT_FILES, convert_hf_state, hf_config, read_hf_config
 from .model import MaskedAutoencoder
 from .pos_embed import resize_pos_embed
-
-SOURCE_FORMATS = ("mae-checkpoint", "official", "huggingface")
 
 
 @dataclass
@@ -248,59 +246,14 @@ def _from_official(
 ) -> LoadedWeights:
     """facebookresearch/mae names; the architecture comes from tensor shapes."""
     state, notes = _as_float32(state)
-    classifier = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
-    if classifier:
-        raise MAEError(
-            f"{path} looks like a fine-tuned classifier (it has {', '.join(classifier[:4])}), "
-            "not pretrained MAE weights.",
-            hint="use the pretrained weights (e.g. mae_pretrain_vit_base.pth or mae_visualize_vit_large.pth)",
-        )
-    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "norm.weight")
-    missing = [k for k in needed if k not in state]
-    if missing:
-        raise MAEError(
-            f"{path} is not in the MAE layout: missing {', '.join(missing)} (found e.g. {_some_keys(state)}).",
-            hint="mae reads its own checkpoints, official MAE .pth files and Hugging Face ViTMAE folders",
-        )
-
-    embed_dim, in_chans, patch_size, _ = state["patch_embed.proj.weight"].shape  # [D, C, p, p]
-    tokens = state["pos_embed"].shape[1]  # 1 + L
-    grid = math.isqrt(tokens - 1)
-    if grid * grid != tokens - 1:
-        raise MAEError(f"{path}: pos_embed has {tokens - 1} patch rows, not a square grid; mae needs square inputs.")
-    depth = _count_blocks(state, "blocks")
-    encoder_mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+    _check_official_layout(path, state)
+    fields = _official_encoder(path, state, num_heads, notes)
     has_decoder = "decoder_pred.weight" in state
-    encoder_heads, encoder_note = _resolve_heads(embed_dim, depth, num_heads, "encoder", path)
-    notes.append(encoder_note)
-
-    fields: dict[str, Any] = {
-        "img_size": grid * patch_size,
-        "patch_size": patch_size,
-        "in_chans": in_chans,
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": encoder_heads,
-        "encoder_mlp_dim": None if encoder_mlp_dim == 4 * embed_dim else encoder_mlp_dim,
-        "layer_norm_eps": 1e-6,  # the original builds every LayerNorm with eps=1e-6
-        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-        "act": "gelu",
-    }
     if has_decoder:
-        decoder_dim = state["decoder_embed.weight"].shape[0]  # [Dd, D]
-        decoder_depth = _count_blocks(state, "decoder_blocks")
-        decoder_heads, decoder_note = _resolve_heads(decoder_dim, decoder_depth, decoder_num_heads, "decoder", path)
-        notes.append(decoder_note)
-        decoder_mlp_dim = state["decoder_blocks.0.mlp.fc1.weight"].shape[0] if decoder_depth else 4 * decoder_dim
-        fields.update(
-            decoder_embed_dim=decoder_dim,
-            decoder_depth=decoder_depth,
-            decoder_num_heads=decoder_heads,
-            decoder_mlp_dim=None if decoder_mlp_dim == 4 * decoder_dim else decoder_mlp_dim,
-        )
+        fields.update(_official_decoder(path, state, decoder_num_heads, notes))
     else:
         # Unused without a decoder; a preset's decoder (or the default) keeps the config valid and familiar.
-        preset = _preset_for(embed_dim, depth, "encoder")
+        preset = _preset_for(fields["embed_dim"], fields["depth"], "encoder")
         base = PRESETS[preset] if preset else MAEConfig()
         fields.update(
             decoder_embed_dim=base.decoder_embed_dim,
@@ -319,6 +272,68 @@ def _from_official(
         notes.append(f"state dict found {'at the top level' if container == 'bare' else f'under {container!r}'}")
     config = MAEConfig(**fields)
     return LoadedWeights(config, state, "official", has_decoder, path, sha256_file(path), known, notes)
+
+
+def _check_official_layout(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Pretrained MAE weights in the original's names, not a fine-tuned classifier or another model."""
+    classifier = sorted(k for k in state if k.startswith(("head.", "fc_norm.")))
+    if classifier:
+        raise MAEError(
+            f"{path} looks like a fine-tuned classifier (it has {', '.join(classifier[:4])}), "
+            "not pretrained MAE weights.",
+            hint="use the pretrained weights (e.g. mae_pretrain_vit_base.pth or mae_visualize_vit_large.pth)",
+        )
+    needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "norm.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise MAEError(
+            f"{path} is not in the MAE layout: missing {', '.join(missing)} (found e.g. {_some_keys(state)}).",
+            hint="mae reads its own checkpoints, official MAE .pth files and Hugging Face ViTMAE folders",
+        )
+
+
+def _official_encoder(
+    path: Path, state: dict[str, torch.Tensor], num_heads: int | None, notes: list[str]
+) -> dict[str, Any]:
+    """The encoder's MAEConfig fields, read from the tensor shapes (the head count from `_resolve_heads`)."""
+    embed_dim, in_chans, patch_size, _ = state["patch_embed.proj.weight"].shape  # [D, C, p, p]
+    tokens = state["pos_embed"].shape[1]  # 1 + L
+    grid = math.isqrt(tokens - 1)
+    if grid * grid != tokens - 1:
+        raise MAEError(f"{path}: pos_embed has {tokens - 1} patch rows, not a square grid; mae needs square inputs.")
+    depth = _count_blocks(state, "blocks")
+    encoder_mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
+    encoder_heads, encoder_note = _resolve_heads(embed_dim, depth, num_heads, "encoder", path)
+    notes.append(encoder_note)
+    return {
+        "img_size": grid * patch_size,
+        "patch_size": patch_size,
+        "in_chans": in_chans,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": encoder_heads,
+        "encoder_mlp_dim": None if encoder_mlp_dim == 4 * embed_dim else encoder_mlp_dim,
+        "layer_norm_eps": 1e-6,  # the original builds every LayerNorm with eps=1e-6
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "act": "gelu",
+    }
+
+
+def _official_decoder(
+    path: Path, state: dict[str, torch.Tensor], decoder_num_heads: int | None, notes: list[str]
+) -> dict[str, Any]:
+    """The decoder's MAEConfig fields, read from the tensor shapes."""
+    decoder_dim = state["decoder_embed.weight"].shape[0]  # [Dd, D]
+    decoder_depth = _count_blocks(state, "decoder_blocks")
+    decoder_heads, decoder_note = _resolve_heads(decoder_dim, decoder_depth, decoder_num_heads, "decoder", path)
+    notes.append(decoder_note)
+    decoder_mlp_dim = state["decoder_blocks.0.mlp.fc1.weight"].shape[0] if decoder_depth else 4 * decoder_dim
+    return {
+        "decoder_embed_dim": decoder_dim,
+        "decoder_depth": decoder_depth,
+        "decoder_num_heads": decoder_heads,
+        "decoder_mlp_dim": None if decoder_mlp_dim == 4 * decoder_dim else decoder_mlp_dim,
+    }
 
 
 def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:

@@ -33,12 +33,12 @@ from .roofline import Peak, encoder_flops, measure_peaks
 from .system import installed_engines
 
 BASELINE = "torch"
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MASK_RATIOS = (0.75, 0.0)
+DEFAULT_SECONDS = 5.0  # timing budget per engine and mask ratio
 MIN_ROUNDS = 3
 MAX_ROUNDS = 1000
 WARMUP_RUNS = 2
-GPU_LABELS = ("torch-cuda", "torch-cuda-fp16", "onnx-cuda", "trt", "trt-fp16")
-TABLE_COLUMNS = ("engine", "mask", "K", "img/s", "vs torch fp32", "cos cls", "cos mean", "t/t(mask 0)")
-TABLE_COLUMNS += ("GFLOP/s", "of peak")
 ON_REQUEST = ("onnx-fp16", "openvino-f32")  # variants of a default engine, never chosen by default
 
 
@@ -260,14 +260,32 @@ def _on_cpu(engine: Engine) -> bool:
     return str(getattr(engine, "device", "cpu")).lower() == "cpu"
 
 
+class BenchProgress:
+    """What `bench` tells the person running it: two stages, starting the engines (one unit each) and timing them
+    (seconds of the budget), and each row as soon as its mask ratio is measured. This one says nothing; `mae bench`
+    shows bars and lines (`mae.benchmark`)."""
+
+    def stage(self, description: str, total: float) -> None:
+        """A stage of `total` units begins."""
+
+    def update(self, completed: float | None = None, description: str | None = None) -> None:
+        """How many of the stage's units are done, and what it is doing now (None: as before)."""
+
+    def measured(self, row: dict[str, Any]) -> None:
+        """A row is measured (`row_line` says it in one line)."""
+
+    def done(self) -> None:
+        """The stage is over."""
+
+
 def bench(
     prepared: Prepared,
     engines: str | Sequence[str] | None = None,
-    batch_size: int = 8,
-    mask_ratios: Sequence[float] = (0.75, 0.0),
-    seconds: float = 5.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    mask_ratios: Sequence[float] = DEFAULT_MASK_RATIOS,
+    seconds: float = DEFAULT_SECONDS,
     seed: int = 0,
-    progress: bool = True,
+    progress: BenchProgress | None = None,
     peaks: Mapping[str, Peak] | None = None,
     roofline: bool = True,
 ) -> list[dict[str, Any]]:
@@ -277,7 +295,8 @@ def bench(
     engines: None runs every engine that can run here (`default_engines`). The PyTorch fp32 baseline is always
     measured (added when not listed). An engine that cannot start here (missing package, no GPU, graph not in the
     bundle) gets a row with `error` instead of numbers. peaks: from `measure_peaks` (measured here when None and
-    `roofline`; roofline=False leaves peak_gflops and fraction_of_peak out).
+    `roofline`; roofline=False leaves peak_gflops and fraction_of_peak out). progress: told the stages and each
+    row (None says nothing).
     """
     labels = default_engines(prepared.bundle or prepared.torch_source)[0] if engines is None else parse_engines(engines)
     if BASELINE not in labels:
@@ -289,104 +308,136 @@ def bench(
             raise MAEError(f"mask ratio {ratio} must be in [0, 1)")
     if peaks is None:
         peaks = measure_peaks()[0] if roofline else {}  # before the engines start their thread pools
-    return _bench(prepared, labels, batch_size, list(mask_ratios), seconds, seed, progress, dict(peaks))
-
-
-def _bench(
-    prepared: Prepared,
-    labels: list[str],
-    batch_size: int,
-    mask_ratios: list[float],
-    seconds: float,
-    seed: int,
-    progress: bool,
-    peaks: dict[str, Peak],
-) -> list[dict[str, Any]]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    progress = progress or BenchProgress()
+    ready, errors = _start_engines(prepared, labels, progress)
+    measurement = _Measurement(labels, ready, errors, batch_size, seconds, seed, dict(peaks), progress)
     rows: list[dict[str, Any]] = []
+    progress.stage("benchmark", measurement.budget * len(mask_ratios))
+    try:
+        for index, ratio in enumerate(mask_ratios):
+            measured = measurement.rows(index, ratio)
+            for row in measured:  # as each mask ratio is measured, not only in the final table
+                progress.measured(row)
+            progress.update(completed=(index + 1) * measurement.budget)
+            rows += measured
+    finally:
+        progress.done()
+    _add_masked_speedup(rows)
+    return rows
+
+
+def _start_engines(
+    prepared: Prepared, labels: list[str], progress: BenchProgress
+) -> tuple[dict[str, Engine], dict[str, str]]:
+    """({label: engine} of those that started, {label: why not} of the others); the baseline must start."""
     ready: dict[str, Engine] = {}
     errors: dict[str, str] = {}
-    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TextColumn("left"))
-    with Progress(*columns, TimeRemainingColumn(), transient=True, disable=not progress) as bar:
-        task = bar.add_task("starting engines", total=len(labels))
-        for label in labels:
-            bar.update(task, description=f"starting {label}")
+    progress.stage("starting engines", len(labels))
+    try:
+        for done, label in enumerate(labels):
+            progress.update(completed=done, description=f"starting {label}")
             try:
                 ready[label] = _create(label, prepared)
             except Exception as exc:  # one engine that cannot start here must not stop the others
                 if label == BASELINE:
                     raise
                 errors[label] = _reason(exc)
-            bar.advance(task)
-    baseline = ready[BASELINE]
-    cfg = baseline.config  # every engine here carries the MAEConfig it runs
-    cpu = hardware.cpu_info()
-    kinds = {label: peak_kind(label, _on_cpu(engine), cpu) for label, engine in ready.items()}
-    rng = np.random.default_rng(seed)
-    pixel_values = rng.standard_normal((batch_size, 3, cfg.img_size, cfg.img_size), dtype=np.float32)
+        progress.update(completed=len(labels))
+    finally:
+        progress.done()
+    return ready, errors
 
-    # The estimate: each mask ratio times every engine for `seconds` (plus warm-up, not counted).
-    budget = seconds * len(ready)
-    with Progress(*columns, TimeRemainingColumn(), transient=True, disable=not progress) as bar:
-        task = bar.add_task("benchmark", total=budget * len(mask_ratios))
-        for index, ratio in enumerate(mask_ratios):
-            ids_keep = masking_from_noise(random_noise(batch_size, cfg.num_patches, seed), ratio).ids_keep
-            inputs = {"pixel_values": pixel_values, "ids_keep": ids_keep}  # [B, 3, S, S], [B, K]
-            gflops_per_image = encoder_flops(cfg, int(ids_keep.shape[1])) / 1e9
-            bar.update(task, description=f"mask {ratio:g}: warm-up")
-            outputs, failed = {}, dict(errors)
-            for label, engine in ready.items():
-                try:
-                    for _ in range(WARMUP_RUNS):
-                        outputs[label] = engine.run(inputs)["latent"]  # [B, 1+K, D]
-                except Exception as exc:
-                    if label == BASELINE:
-                        raise
-                    failed[label] = _reason(exc)
-            runners = {label: _runner(ready[label], inputs) for label in ready if label not in failed}
-            done = index * budget
 
-            def advance(rounds: int, spent: float, done: float = done, text: str = f"mask {ratio:g}") -> None:
-                bar.update(task, completed=done + min(spent, budget), description=f"{text}: timing, round {rounds}")
+@dataclass
+class _Measurement:
+    """The started engines of one benchmark, the inputs they share, and what their rows are held against."""
 
-            bar.update(task, completed=done, description=f"mask {ratio:g}: timing {len(runners)} engines")
-            times = timing_rounds(runners, seconds * len(runners), on_round=advance)
-            reference = pooled(outputs[BASELINE])
-            base_s = statistics.median(times[BASELINE])
-            for label in labels:
-                row = {
-                    "engine": label,
-                    "mask_ratio": ratio,
-                    "kept": int(ids_keep.shape[1]),
-                    "batch_size": batch_size,
-                    "gflops_per_image": gflops_per_image,
-                }
-                if label in failed:
-                    rows.append({**row, "error": failed[label]})
-                    continue
-                median_s = statistics.median(times[label])
-                features = pooled(outputs[label])
-                images_per_s = batch_size / median_s
-                rows.append(
-                    {
-                        **row,
-                        "description": ready[label].description,
-                        "images_per_s": images_per_s,
-                        "ms_per_batch": 1000 * median_s,
-                        "timed_batches": len(times[label]),
-                        "ratio_vs_torch": base_s / median_s,
-                        "cosine_cls": float(cosine_rows(features["cls"], reference["cls"]).min()),
-                        "cosine_mean": float(cosine_rows(features["mean"], reference["mean"]).min()),
-                        **_roofline(gflops_per_image * images_per_s, kinds[label], peaks),
-                    }
-                )
-                rows[-1]["below_gate"] = min(rows[-1]["cosine_cls"], rows[-1]["cosine_mean"]) < GATE
-            for row in rows[-len(labels) :]:  # as each mask ratio is measured, not only in the final table
-                bar.console.print(row_line(row), highlight=False)
-            bar.update(task, completed=(index + 1) * budget)
-    _add_masked_speedup(rows)
-    return rows
+    labels: list[str]
+    ready: dict[str, Engine]
+    errors: dict[str, str]  # label -> why it did not start
+    batch_size: int
+    seconds: float
+    seed: int
+    peaks: dict[str, Peak]
+    progress: BenchProgress
+
+    def __post_init__(self) -> None:
+        self.cfg = self.ready[BASELINE].config  # every engine here carries the MAEConfig it runs
+        cpu = hardware.cpu_info()
+        self.kinds = {label: peak_kind(label, _on_cpu(engine), cpu) for label, engine in self.ready.items()}
+        rng = np.random.default_rng(self.seed)
+        size = self.cfg.img_size
+        self.pixel_values = rng.standard_normal((self.batch_size, 3, size, size), dtype=np.float32)
+        # The estimate: each mask ratio times every engine for `seconds` (plus warm-up, not counted).
+        self.budget = self.seconds * len(self.ready)
+
+    def rows(self, index: int, ratio: float) -> list[dict[str, Any]]:
+        """The rows of mask ratio `ratio` (the `index`-th), one per label."""
+        ids_keep = masking_from_noise(random_noise(self.batch_size, self.cfg.num_patches, self.seed), ratio).ids_keep
+        inputs = {"pixel_values": self.pixel_values, "ids_keep": ids_keep}  # [B, 3, S, S], [B, K]
+        self.progress.update(description=f"mask {ratio:g}: warm-up")
+        outputs, failed = self._warm_up(inputs)
+        runners = {label: _runner(self.ready[label], inputs) for label in self.ready if label not in failed}
+        done = index * self.budget
+
+        def advance(rounds: int, spent: float) -> None:
+            completed = done + min(spent, self.budget)
+            self.progress.update(completed=completed, description=f"mask {ratio:g}: timing, round {rounds}")
+
+        self.progress.update(completed=done, description=f"mask {ratio:g}: timing {len(runners)} engines")
+        times = timing_rounds(runners, self.seconds * len(runners), on_round=advance)
+        kept = int(ids_keep.shape[1])
+        head = {"mask_ratio": ratio, "kept": kept, "batch_size": self.batch_size}
+        head["gflops_per_image"] = encoder_flops(self.cfg, kept) / 1e9
+        reference = pooled(outputs[BASELINE])
+        base_s = statistics.median(times[BASELINE])
+        rows = []
+        for label in self.labels:
+            row = {"engine": label, **head}
+            if label in failed:
+                rows.append({**row, "error": failed[label]})
+            else:
+                rows.append(self._measured(row, times[label], outputs[label], reference, base_s))
+        return rows
+
+    def _warm_up(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """({label: latent} of the engines that ran, {label: why not} of those that did not start or failed)."""
+        outputs, failed = {}, dict(self.errors)
+        for label, engine in self.ready.items():
+            try:
+                for _ in range(WARMUP_RUNS):
+                    outputs[label] = engine.run(inputs)["latent"]  # [B, 1+K, D]
+            except Exception as exc:
+                if label == BASELINE:
+                    raise
+                failed[label] = _reason(exc)
+        return outputs, failed
+
+    def _measured(
+        self,
+        row: dict[str, Any],
+        times: list[float],
+        latent: np.ndarray,
+        reference: dict[str, np.ndarray],
+        base_s: float,
+    ) -> dict[str, Any]:
+        """`row` with its speed, its cosines against the baseline's pooled features and its roofline."""
+        label = row["engine"]
+        median_s = statistics.median(times)
+        features = pooled(latent)
+        images_per_s = self.batch_size / median_s
+        row.update(
+            description=self.ready[label].description,
+            images_per_s=images_per_s,
+            ms_per_batch=1000 * median_s,
+            timed_batches=len(times),
+            ratio_vs_torch=base_s / median_s,
+            cosine_cls=float(cosine_rows(features["cls"], reference["cls"]).min()),
+            cosine_mean=float(cosine_rows(features["mean"], reference["mean"]).min()),
+            **_roofline(row["gflops_per_image"] * images_per_s, self.kinds[label], self.peaks),
+        )
+        row["below_gate"] = min(row["cosine_cls"], row["cosine_mean"]) < GATE
+        return row
 
 
 def _roofline(effective_gflops: float, kind: str | None, peaks: Mapping[str, Peak]) -> dict[str, Any]:
@@ -410,7 +461,8 @@ def _runner(engine: Engine, inputs: dict[str, np.ndarray]):  # noqa: ANN202
 
 
 def _add_masked_speedup(rows: list[dict[str, Any]]) -> None:
-    """time(mask 0.75) / time(mask 0) per engine, when both were measured (the issue wants <= 0.30)."""
+    """time(mask 0.75) / time(mask 0) per engine, when both were measured: what masking saves (the encoder sees a
+    quarter of the tokens at 0.75, so well below 1)."""
     by_key = {(r["engine"], r["mask_ratio"]): r for r in rows if "ms_per_batch" in r}
     for (label, ratio), row in by_key.items():
         full = by_key.get((label, 0.0))

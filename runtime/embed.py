@@ -1,4 +1,4 @@
-"""`mae embed`: images -> pooled encoder features, batched, pipelined, resumable and sharded.
+"""`mae embed`: images -> pooled encoder features, batched, pipelined, resumable, split among workers.
 
 Pipeline: worker processes (`workers`, spawned, numpy + Pillow only) decode and pre-process chunks of `batch_size`
 images while the main process runs the engine; a bounded window of chunks in flight keeps memory flat and the
@@ -18,12 +18,16 @@ its reason; a bad file never stops the job. `strict=True` raises (output kept) i
 
 Resuming: run again with the same arguments; output files with a valid done marker are skipped, the rest are
 computed again from scratch, giving files identical to an uninterrupted run. The run's parameters (model checksum,
-engine, precision, pool, resize, dtype, l2, shard size, preprocessing and the input list's checksum) are recorded
-in run.json, and a different set is refused.
+engine, precision, pool, resize, dtype, l2, shard size (images per file), preprocessing and the input list's
+checksum) are recorded in run.json, and a different set is refused.
 
-Scale-out: `shard="I/N"` (or RANK/WORLD_SIZE, or a Slurm array) makes this worker write the output files k with
-k % N == I (see `mae.runtime.inputs`). Each worker writes `summary.json` when N == 1 and `summary-I-of-N.json`
-otherwise, so that workers never overwrite each other's summary.
+Scale-out: `shard="I/N"` (or RANK/WORLD_SIZE, or a Slurm array) makes this worker (its `WorkerPart`, see
+`mae.runtime.inputs`) write the output files k with k % N == I. Each worker writes `summary.json` when N == 1 and
+`summary-I-of-N.json` otherwise, so that workers never overwrite each other's summary.
+
+Progress: `embed` prints nothing itself; it reports through `progress` (an `EmbedProgress`): notes (which engine
+`auto` chose, a warning that the output may not fit) and the images done. `mae embed` draws them on stderr
+(`mae.reports.embed`), which also renders the summary.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -38,12 +43,12 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -51,7 +56,7 @@ from PIL import Image
 from mae import __version__
 from mae.core.bundle import Bundle, is_bundle
 from mae.core.errors import MAEError, require
-from mae.core.files import free_bytes, sha256_file, size_text
+from mae.core.files import atomic_write, free_bytes, sha256_file, size_text
 from mae.core.integrity import verify_entry
 from mae.core.masking import full_ids_keep
 from mae.core.numerics import POOLS, l2_normalize, pool_tokens
@@ -64,25 +69,24 @@ from .engines.openvino import int8_model_path
 from .engines.torch import bundle_source
 from .inputs import (
     Inputs,
-    ShardSpec,
+    WorkerPart,
     file_range,
     keys_checksum,
     list_inputs,
     num_output_files,
     output_files_for,
-    shard_spec,
+    worker_part,
 )
 from .shards import (
     FAILURE_COLUMNS,
     METADATA_COLUMNS,
     RUN_FILE,
+    FileRows,
     OutputFolder,
-    ShardRows,
-    atomic_write,
     params_checksum,
 )
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
+OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}  # `--dtype`: of the stored embeddings
 STATIC_SHAPE_ENGINES = ("trt", "tensorrt", "openvino")
 SUMMARY_FORMAT = "mae-embeddings-summary"
 MAX_FILE_BYTES = 4 << 30  # embeddings of one output file, held in memory until written
@@ -102,6 +106,73 @@ def embedding_shape(config: Any, pool: str) -> list[int]:
     if pool == "tokens":
         return [1 + config.num_patches, width]
     return [2 * width if pool == "cls+mean" else width]
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How `embed` computes and stores the embeddings (everything but what, with which model, and where)."""
+
+    pool: str = "cls"
+    batch_size: int = 32  # images per engine call
+    workers: int = 2  # decoding processes (0: in the main process)
+    resize: str | None = None  # "center" | "squash" | None (the bundle's)
+    dtype: str = "float32"  # of the stored embeddings: a key of OUTPUT_DTYPES
+    l2_normalize: bool = False
+    shard_size: int = 10000  # images per output file
+
+    def check(self) -> None:
+        if self.pool not in POOLS:
+            raise MAEError(f"Unknown pooling {self.pool!r}", hint=f"use one of: {', '.join(POOLS)}")
+        if self.dtype not in OUTPUT_DTYPES:
+            raise MAEError(f"Unknown dtype {self.dtype!r}", hint="use float32 or float16")
+        if self.batch_size < 1 or self.shard_size < 1 or self.workers < 0:
+            raise MAEError("batch_size and shard_size must be >= 1 and workers >= 0")
+
+
+# ------------------------------------------------------------------------------------------------ progress
+class EmbedProgress(Protocol):
+    """What `embed` says while it runs, for the app to show (`mae embed` draws lines and a bar on stderr)."""
+
+    def note(self, text: str) -> None:
+        """A line for the person running the job: which engine `auto` chose, or that the output may not fit."""
+
+    def start(self, total: int, label: str) -> None:
+        """`total` images are about to be embedded (0 when every file is done already); `label` names the part."""
+
+    def advance(self, count: int, failed: bool = False) -> None:
+        """`count` more images are done: embedded, or failed (`failed`)."""
+
+    def close(self) -> None:
+        """The pipeline stopped, finished or not."""
+
+
+class Silent:
+    """An `EmbedProgress` that shows nothing (`progress=False`)."""
+
+    def note(self, text: str) -> None:
+        pass
+
+    def start(self, total: int, label: str) -> None:
+        pass
+
+    def advance(self, count: int, failed: bool = False) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NotesOnStderr(Silent):
+    """`progress=True`: the notes as lines on stderr, and no bar (the app's renderer draws one)."""
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _progress_from(progress: EmbedProgress | bool | None) -> EmbedProgress:
+    if progress is None or progress is False:
+        return Silent()
+    return NotesOnStderr() if progress is True else progress
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -154,6 +225,36 @@ def _preprocessing_for(model: str, engine: Any) -> Preprocessing:
     if is_bundle(Path(model)):
         return Bundle.load(Path(model)).preprocessing
     return Preprocessing(size=engine.config.img_size)
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """The encoder that runs, and what a resumed run compares."""
+
+    runner: Any
+    name: str
+    precision: str
+    model_sha256: str
+    auto_line: str | None  # what `--engine auto` chose, and why
+
+
+def _open_engine(
+    model: str, out: Path, engine: str | Any, provider: str, precision: str | None, progress: EmbedProgress
+) -> _Engine:
+    """Choose the engine (`auto`) and create it, or take the engine object given; hash what it runs."""
+    auto_line, extra = None, {}
+    if engine == "auto":
+        engine, precision, extra, auto_line = _choose_auto(model, out, precision)
+        progress.note(auto_line)
+    precision = precision or "fp32"
+    if not isinstance(engine, str):  # created by the caller
+        name = getattr(engine, "name", type(engine).__name__)
+        return _Engine(engine, name, precision, model_checksum(model, name, precision), auto_line)
+    # Hashed in full first (start and resume alike); the engine's own check then finds the hash cached.
+    model_sha256 = model_checksum(model, engine, precision)
+    options = {"provider": provider, "device": "auto", **extra}
+    runner = create_engine(engine, model, part="encoder", precision=precision, **options)
+    return _Engine(runner, engine, precision, model_sha256, auto_line)
 
 
 # ------------------------------------------------------------------------------------------------- decoding
@@ -303,26 +404,19 @@ def _text(value: str) -> str:
 
 
 class _Embedder:
-    def __init__(
-        self,
-        engine: Any,
-        inputs: Inputs,
-        pool: str,
-        dtype: str,
-        l2: bool,
-        batch_size: int,
-        config: Any,
-        progress: Any,
-    ) -> None:
+    """Decoded images -> batches of `batch_size` within each output file -> the engine -> pooled rows."""
+
+    def __init__(self, engine: Any, inputs: Inputs, settings: EmbedSettings, progress: EmbedProgress) -> None:
+        config = engine.config
         self.engine = engine
         self.inputs = inputs
-        self.pool = pool
-        self.dtype = DTYPES[dtype]
-        self.l2 = l2
-        self.batch_size = batch_size
+        self.pool = settings.pool
+        self.dtype = OUTPUT_DTYPES[settings.dtype]
+        self.l2 = settings.l2_normalize
+        self.batch_size = settings.batch_size
         self.num_patches = config.num_patches
         self.embed_dim = config.embed_dim
-        self.row_shape = tuple(embedding_shape(config, pool))
+        self.row_shape = tuple(embedding_shape(config, settings.pool))
         self.pad = getattr(engine, "name", "") in STATIC_SHAPE_ENGINES
         self.stats = _Stats()
         self.progress = progress
@@ -337,14 +431,14 @@ class _Embedder:
         while state.waiting >= self.batch_size:
             self._run_batch(state, self.batch_size)
 
-    def finish(self, state: _FileState) -> ShardRows:
+    def finish(self, state: _FileState) -> FileRows:
         if state.waiting:
             self._run_batch(state, state.waiting)
         if state.embeddings:
             embeddings = np.concatenate(state.embeddings)
         else:
             embeddings = np.zeros((0, *self.row_shape), dtype=self.dtype)
-        return ShardRows(np.ascontiguousarray(embeddings), state.metadata, state.failures)
+        return FileRows(np.ascontiguousarray(embeddings), state.metadata, state.failures)
 
     def _record_failure(self, state: _FileState, index: int, reason: str, message: str) -> None:
         row = {
@@ -414,56 +508,6 @@ class _Embedder:
         self.progress.advance(real)
 
 
-class _Progress:
-    """A rich progress bar (images, images/s, ETA, failures), or nothing."""
-
-    def __init__(self, total: int, enabled: bool, label: str) -> None:
-        self.bar = None
-        self.failed = 0
-        if not enabled or total == 0:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            ProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.text import Text
-
-        class RateColumn(ProgressColumn):
-            def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
-                speed = task.finished_speed or task.speed
-                return Text(f"{speed:6.1f} img/s" if speed else "     - img/s", style="progress.data.speed")
-
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            RateColumn(),
-            TextColumn("{task.fields[failed]} failed"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.bar.add_task(label, total=total, failed=0)
-        self.bar.start()
-
-    def advance(self, count: int, failed: bool = False) -> None:
-        if self.bar is None:
-            return
-        self.failed += count if failed else 0
-        self.bar.update(self.task, advance=count, failed=self.failed)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 class _Writer:
     """Writes finished output files in a background thread, one at a time, so that the engine keeps running while
     a file is written and fsynced. At most one file waits (bounded memory); errors surface on the next call."""
@@ -479,13 +523,13 @@ class _Writer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-writer")
         self.pending: Future | None = None
 
-    def write(self, number: int, rows: ShardRows, keys_sha256: str, indexes: range) -> None:
+    def write(self, number: int, rows: FileRows, keys_sha256: str, indexes: range) -> None:
         self.wait()
         self.pending = self.executor.submit(self._write, number, rows, keys_sha256, indexes)
 
-    def _write(self, number: int, rows: ShardRows, keys_sha256: str, indexes: range) -> None:
+    def _write(self, number: int, rows: FileRows, keys_sha256: str, indexes: range) -> None:
         started = time.perf_counter()
-        self.markers[number] = self.out_folder.write_shard(
+        self.markers[number] = self.out_folder.write_file(
             number, rows, self.params_sha256, keys_sha256, indexes, self.model_sha256
         )
         self.seconds += time.perf_counter() - started
@@ -504,31 +548,172 @@ class _Writer:
             self.executor.shutdown(wait=True)
 
 
-def _file_keys_checksum(inputs: Inputs, indexes: range) -> str:
-    return keys_checksum([f"{index}\0{inputs.keys[index]}" for index in indexes])
+# ------------------------------------------------------------------------------------------------- the job
+@dataclass
+class _Job:
+    """One worker's run, settled before the first image is decoded."""
+
+    model: str
+    engine: _Engine
+    inputs: Inputs
+    part: WorkerPart
+    folder: OutputFolder
+    settings: EmbedSettings
+    params: dict[str, Any]  # what run.json records and a resumed run must repeat
+    params_sha256: str
+    plan: dict[str, Any]  # the whole job's (every worker's), as run.json records it
+    row_bytes: int  # one image's embedding in the output dtype
+    files: list[int] = field(default_factory=list)  # this worker's output files
+    markers: dict[int, dict[str, Any]] = field(default_factory=dict)  # done markers: found, then written
+    pending: list[int] = field(default_factory=list)  # the files this run writes
+
+    def indexes(self, number: int) -> range:
+        return file_range(number, len(self.inputs), self.settings.shard_size)
+
+    def keys_sha256(self, indexes: range) -> str:
+        """The checksum of an output file's inputs (positions and keys), recorded in its done marker."""
+        return keys_checksum([f"{index}\0{self.inputs.keys[index]}" for index in indexes])
+
+    @property
+    def pending_images(self) -> int:
+        return sum(len(self.indexes(number)) for number in self.pending)
+
+
+def _run_params(model: str, opened: _Engine, settings: EmbedSettings, inputs: Inputs) -> dict[str, Any]:
+    """The run's parameters (see the module docstring): recorded in run.json, compared when resuming."""
+    pre = _preprocessing_for(model, opened.runner)
+    return {
+        "model_sha256": opened.model_sha256,
+        "engine": "trt" if opened.name == "tensorrt" else opened.name,
+        "precision": opened.precision,
+        "pool": settings.pool,
+        "resize": settings.resize or pre.resize,
+        "dtype": settings.dtype,
+        "l2_normalize": bool(settings.l2_normalize),
+        "shard_size": settings.shard_size,
+        "preprocessing": pre.to_dict(),
+        "embedding_shape": embedding_shape(opened.runner.config, settings.pool),
+        "inputs": len(inputs),
+        "inputs_sha256": inputs.fingerprint,
+    }
+
+
+def _row_bytes(params: dict[str, Any]) -> int:
+    """Bytes of one image's embedding; refused when one output file (held in memory until written) is too large."""
+    row_bytes = int(np.prod(params["embedding_shape"])) * np.dtype(OUTPUT_DTYPES[params["dtype"]]).itemsize
+    shard_size = params["shard_size"]
+    if shard_size * row_bytes > MAX_FILE_BYTES:
+        raise MAEError(
+            f"One output file of {shard_size} images would hold {shard_size * row_bytes / 2**30:.1f} GiB of "
+            f"{params['pool']} embeddings (kept in memory until it is written).",
+            hint=f"use --shard-size {max(1, MAX_FILE_BYTES // row_bytes)} or less",
+        )
+    return row_bytes
+
+
+def _start_job(
+    model: str, opened: _Engine, inputs: Inputs, part: WorkerPart, folder: OutputFolder, settings: EmbedSettings
+) -> _Job:
+    """Record the run's parameters in run.json (or check them against it) and sort this worker's files into done
+    (a valid marker) and pending."""
+    params = _run_params(model, opened, settings, inputs)
+    row_bytes = _row_bytes(params)
+    plan = {
+        "workers": part.count,
+        "files": num_output_files(len(inputs), settings.shard_size),
+        "shard_size": settings.shard_size,
+        "inputs": len(inputs),
+        "inputs_sha256": inputs.fingerprint,
+    }
+    plan = folder.claim(params, plan)
+    job = _Job(model, opened, inputs, part, folder, settings, params, params_checksum(params), plan, row_bytes)
+    # Imported here rather than at the first write, inside the timed pipeline (a third of a second).
+    require("pyarrow.parquet", "cpu", "Writing embedding metadata (parquet)")
+    job.files = output_files_for(len(inputs), settings.shard_size, part)
+    for number in job.files:
+        indexes = job.indexes(number)
+        marker = folder.is_done(number, job.params_sha256, job.keys_sha256(indexes), indexes)
+        if marker is None:
+            job.pending.append(number)
+        else:
+            job.markers[number] = marker
+    folder.clean_temporaries(job.files)
+    return job
 
 
 ROW_OVERHEAD_BYTES = 160  # metadata (parquet) and failure rows per image, with room for long paths
 
 
-def _warn_if_it_cannot_fit(root: Path, images: int, row_bytes: int, progress: bool) -> None:
-    """Say before starting when the output will not fit in the free space (the job would stop with a full disk:
-    nothing written is lost, and a rerun after freeing space resumes)."""
+def _fit_warning(root: Path, images: int, row_bytes: int) -> str | None:
+    """What to say before starting when the output will not fit in the free space (the job would stop with a full
+    disk: nothing written is lost, and a rerun after freeing space resumes); None when it fits."""
     needed = images * (row_bytes + ROW_OVERHEAD_BYTES)
     free = free_bytes(root)
-    if progress and free is not None and needed > free:
-        print(
-            f"warning: this job writes about {size_text(needed)} into {root}, where {size_text(free)} is free; it "
-            "will stop when the disk is full (finished files are kept: free space and run it again to resume).",
-            file=sys.stderr,
-            flush=True,
-        )
+    if free is None or needed <= free:
+        return None
+    return (
+        f"warning: this job writes about {size_text(needed)} into {root}, where {size_text(free)} is free; it "
+        "will stop when the disk is full (finished files are kept: free space and run it again to resume)."
+    )
 
 
-def _summary_name(spec: ShardSpec) -> str:
-    return "summary.json" if spec.count == 1 else f"summary-{spec.index}-of-{spec.count}.json"
+# -------------------------------------------------------------------------------------------- the pipeline
+def _decode_tasks(job: _Job) -> Iterator[tuple[_FileState, bool, DecodeTask]]:
+    """The pending files' chunks of `batch_size` images in order, each with True when it ends its file."""
+    batch_size = job.settings.batch_size
+    for number in job.pending:
+        indexes = job.indexes(number)
+        state = _FileState(number, indexes)
+        for start in range(indexes.start, indexes.stop, batch_size):
+            chunk = list(range(start, min(start + batch_size, indexes.stop)))
+            paths = [job.inputs.paths[i] for i in chunk]
+            task = DecodeTask(chunk, paths, job.params["preprocessing"], job.params["resize"])
+            yield state, chunk[-1] == indexes.stop - 1, task
 
 
+def _feed(job: _Job, decoder: Decoder, embedder: _Embedder, writer: _Writer) -> None:
+    """Keep a window of chunks decoding while the engine embeds the oldest; a finished file goes to the writer."""
+    window: collections.deque[tuple[_FileState, bool, _Pending]] = collections.deque()
+    stream = _decode_tasks(job)
+    for state, last, task in itertools.islice(stream, max(2, 2 * job.settings.workers)):
+        window.append((state, last, decoder.submit(task)))
+    while window:
+        state, last, handle = window.popleft()
+        waited = time.perf_counter()
+        chunk = decoder.result(handle)
+        embedder.stats.wait_seconds += time.perf_counter() - waited
+        embedder.stats.decode_seconds += chunk.seconds
+        next_task = next(stream, None)
+        if next_task is not None:
+            window.append((next_task[0], next_task[1], decoder.submit(next_task[2])))
+        embedder.add_chunk(state, chunk)
+        if last:
+            rows = embedder.finish(state)
+            writer.write(state.number, rows, job.keys_sha256(state.indexes), state.indexes)
+
+
+def _run_pipeline(job: _Job, progress: EmbedProgress) -> tuple[_Stats, Decoder | None, float]:
+    """Decode, embed and write the pending files: the stages' statistics, the decoder, the pipeline's seconds."""
+    decoder = Decoder(job.settings.workers) if job.pending else None
+    progress.start(job.pending_images, f"embed {job.part.label}" if job.part.count > 1 else "embed")
+    embedder = _Embedder(job.engine.runner, job.inputs, job.settings, progress)
+    writer = _Writer(job.folder, job.params_sha256, job.engine.model_sha256, job.markers)
+    started = time.perf_counter()
+    try:
+        if decoder is not None:
+            _feed(job, decoder, embedder, writer)
+        writer.wait()
+    finally:
+        writer.close()
+        progress.close()
+        seconds = time.perf_counter() - started
+        if decoder is not None:
+            decoder.close()
+    embedder.stats.write_seconds = writer.seconds
+    return embedder.stats, decoder, seconds
+
+
+# ----------------------------------------------------------------------------------------------- embed
 def embed(
     input: str | os.PathLike,
     model: str | os.PathLike,
@@ -545,253 +730,88 @@ def embed(
     shard: str | None = None,
     shard_size: int = 10000,
     strict: bool = False,
-    progress: bool = True,
+    progress: EmbedProgress | bool | None = True,
 ) -> dict[str, Any]:
     """Embed every image of `input` into `out`; returns the summary (also written to out/summary*.json).
 
     engine: a name ("onnx", "trt", "torch", "openvino") or an already created encoder engine object.
-    resize: "center" | "squash" | None (the bundle's). See the module docstring for everything else.
+    resize: "center" | "squash" | None (the bundle's). shard: "I/N", this worker's part (`worker_part`).
+    progress: an `EmbedProgress`; True shows its notes on stderr (no bar), False or None nothing.
+    See `EmbedSettings` and the module docstring for everything else.
     """
-    if pool not in POOLS:
-        raise MAEError(f"Unknown pooling {pool!r}", hint=f"use one of: {', '.join(POOLS)}")
-    if dtype not in DTYPES:
-        raise MAEError(f"Unknown dtype {dtype!r}", hint="use float32 or float16")
-    if batch_size < 1 or shard_size < 1 or workers < 0:
-        raise MAEError("batch_size and shard_size must be >= 1 and workers >= 0")
+    settings = EmbedSettings(pool, batch_size, workers, resize, dtype, l2_normalize, shard_size)
+    settings.check()
     started = time.perf_counter()
-    model = str(model)
-    out_folder = OutputFolder(out)
+    report = _progress_from(progress)
+    folder = OutputFolder(out)
     inputs = list_inputs(input, exclude=out)
-    spec = shard_spec(shard)
-
-    auto_line, extra = None, {}
-    if engine == "auto":
-        engine, precision, extra, auto_line = _choose_auto(model, out_folder.root, precision)
-        if progress:
-            print(auto_line, file=sys.stderr, flush=True)
-    precision = precision or "fp32"
-    if isinstance(engine, str):
-        engine_name = engine
-        # Hashed in full first (start and resume alike); the engine's own check then finds the hash cached.
-        model_sha256 = model_checksum(model, engine_name, precision)
-        options = {"provider": provider, "device": "auto", **extra}
-        runner = create_engine(engine, model, part="encoder", precision=precision, **options)
-    else:
-        runner, engine_name = engine, getattr(engine, "name", type(engine).__name__)
-        model_sha256 = model_checksum(model, engine_name, precision)
-    config = runner.config
-    pre = _preprocessing_for(model, runner)
-    resize = resize or pre.resize
-    params = {
-        "model_sha256": model_sha256,
-        "engine": "trt" if engine_name == "tensorrt" else engine_name,
-        "precision": precision,
-        "pool": pool,
-        "resize": resize,
-        "dtype": dtype,
-        "l2_normalize": bool(l2_normalize),
-        "shard_size": shard_size,
-        "preprocessing": pre.to_dict(),
-        "embedding_shape": embedding_shape(config, pool),
-        "inputs": len(inputs),
-        "inputs_sha256": inputs.fingerprint,
-    }
-    params_sha256 = params_checksum(params)
-    file_bytes = shard_size * int(np.prod(params["embedding_shape"])) * np.dtype(DTYPES[dtype]).itemsize
-    if file_bytes > MAX_FILE_BYTES:
-        fitting = max(1, MAX_FILE_BYTES // (file_bytes // shard_size))
-        raise MAEError(
-            f"One output file of {shard_size} images would hold {file_bytes / 2**30:.1f} GiB of {pool} embeddings "
-            "(kept in memory until it is written).",
-            hint=f"use --shard-size {fitting} or less",
-        )
-    plan = {
-        "workers": spec.count,
-        "files": num_output_files(len(inputs), shard_size),
-        "shard_size": shard_size,
-        "inputs": len(inputs),
-        "inputs_sha256": inputs.fingerprint,
-    }
-    plan = out_folder.claim(params, plan)
-    # Imported here rather than at the first write, inside the timed pipeline (a third of a second).
-    require("pyarrow.parquet", "cpu", "Writing embedding metadata (parquet)")
-
-    my_files = output_files_for(len(inputs), shard_size, spec)
-    markers: dict[int, dict[str, Any]] = {}
-    pending: list[int] = []
-    for number in my_files:
-        indexes = file_range(number, len(inputs), shard_size)
-        marker = out_folder.is_done(number, params_sha256, _file_keys_checksum(inputs, indexes), indexes)
-        if marker is None:
-            pending.append(number)
-        else:
-            markers[number] = marker
-    out_folder.clean_temporaries(my_files)
-    pending_images = sum(len(file_range(number, len(inputs), shard_size)) for number in pending)
-    _warn_if_it_cannot_fit(out_folder.root, pending_images, file_bytes // shard_size, progress)
-
-    decoder = Decoder(workers) if pending else None
-    bar = _Progress(pending_images, progress, f"embed {spec.label}" if spec.count > 1 else "embed")
-    embedder = _Embedder(runner, inputs, pool, dtype, l2_normalize, batch_size, config, bar)
-    window: collections.deque[tuple[_FileState, bool, _Pending]] = collections.deque()
-    prefetch = max(2, 2 * workers)
-
-    def tasks():
-        for number in pending:
-            indexes = file_range(number, len(inputs), shard_size)
-            state = _FileState(number, indexes)
-            for start in range(indexes.start, indexes.stop, batch_size):
-                chunk = list(range(start, min(start + batch_size, indexes.stop)))
-                task = DecodeTask(chunk, [inputs.paths[i] for i in chunk], pre.to_dict(), resize)
-                yield state, chunk[-1] == indexes.stop - 1, task
-
-    writer = _Writer(out_folder, params_sha256, params["model_sha256"], markers)
-    pipeline_started = time.perf_counter()
-    try:
-        stream = tasks()
-        for state, last, task in stream:
-            window.append((state, last, decoder.submit(task)))
-            if len(window) >= prefetch:
-                break
-        while window:
-            state, last, handle = window.popleft()
-            waited = time.perf_counter()
-            chunk = decoder.result(handle)
-            embedder.stats.wait_seconds += time.perf_counter() - waited
-            embedder.stats.decode_seconds += chunk.seconds
-            next_task = next(stream, None)
-            if next_task is not None:
-                window.append((next_task[0], next_task[1], decoder.submit(next_task[2])))
-            embedder.add_chunk(state, chunk)
-            if last:
-                rows = embedder.finish(state)
-                writer.write(state.number, rows, _file_keys_checksum(inputs, state.indexes), state.indexes)
-        writer.wait()
-    finally:
-        writer.close()
-        bar.close()
-        pipeline_seconds = time.perf_counter() - pipeline_started
-        if decoder is not None:
-            decoder.close()
-    embedder.stats.write_seconds = writer.seconds
-
-    summary = _summary(
-        inputs, spec, out_folder, my_files, markers, pending, embedder, decoder, runner, engine_name, model, params,
-        workers, batch_size, time.perf_counter() - started, pipeline_seconds,
-    )  # fmt: skip
-    if auto_line:
-        summary["engine"]["auto"] = auto_line
-    # The whole job, not only this worker's part: a file no worker has finished yet is said, never left unsaid.
-    summary["plan"] = {
-        "workers": plan["workers"],
-        "files": plan["files"],
-        "done": out_folder.done_count(list(range(plan["files"])), params_sha256),
-    }
+    part = worker_part(shard)
+    opened = _open_engine(str(model), folder.root, engine, provider, precision, report)
+    job = _start_job(str(model), opened, inputs, part, folder, settings)
+    warning = _fit_warning(folder.root, job.pending_images, job.row_bytes)
+    if warning:
+        report.note(warning)
+    stats, decoder, pipeline_seconds = _run_pipeline(job, report)
+    summary = _summary(job, stats, decoder, time.perf_counter() - started, pipeline_seconds)
     text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(out_folder.root / _summary_name(spec), lambda handle: handle.write(text.encode()))
+    atomic_write(folder.root / _summary_name(part), lambda handle: handle.write(text.encode()))
     failed = summary["counts"]["failed"]
     if strict and failed:
         reasons = ", ".join(f"{count} {reason}" for reason, count in summary["counts"]["failed_by_reason"].items())
         raise EmbedFailures(
             f"{failed} of {summary['counts']['assigned']} inputs could not be embedded ({reasons}); "
-            f"the rest is written in {out_folder.root}.",
-            hint=f"see {out_folder.root / 'failures'}/*.parquet for each file and its error",
+            f"the rest is written in {folder.root}.",
+            hint=f"see {folder.root / 'failures'}/*.parquet for each file and its error",
             summary=summary,
         )
     return summary
 
 
+# --------------------------------------------------------------------------------------------- the summary
+def _summary_name(part: WorkerPart) -> str:
+    return "summary.json" if part.count == 1 else f"summary-{part.index}-of-{part.count}.json"
+
+
+def _rate(count: int, seconds: float) -> float | None:
+    return round(count / seconds, 2) if seconds > 0 else None
+
+
 def _summary(
-    inputs: Inputs,
-    spec: ShardSpec,
-    out_folder: OutputFolder,
-    my_files: list[int],
-    markers: dict[int, dict[str, Any]],
-    written_now: list[int],
-    embedder: _Embedder,
-    decoder: Decoder | None,
-    runner: Any,
-    engine_name: str,
-    model: str,
-    params: dict[str, Any],
-    workers: int,
-    batch_size: int,
-    wall_seconds: float,
-    pipeline_seconds: float,
+    job: _Job, stats: _Stats, decoder: Decoder | None, wall_seconds: float, pipeline_seconds: float
 ) -> dict[str, Any]:
-    stats = embedder.stats
-    failed_by_reason: dict[str, int] = {}
-    for marker in markers.values():
-        for reason, count in marker.get("failed_by_reason", {}).items():
-            failed_by_reason[reason] = failed_by_reason.get(reason, 0) + count
-    embedded = sum(marker["rows"] for marker in markers.values())
-    failed = sum(marker["failed"] for marker in markers.values())
-    processed = stats.embedded + stats.failed
-
-    def rate(count: int, seconds: float) -> float | None:
-        return round(count / seconds, 2) if seconds > 0 else None
-
+    """summary*.json: what this worker's files hold (done before or now), this run's speed, and the whole job."""
+    params, engine = job.params, job.engine
+    engine_section = {
+        "name": engine.name,
+        "description": getattr(engine.runner, "description", engine.name),
+        "precision": params["precision"],
+    }
+    if engine.auto_line:
+        engine_section["auto"] = engine.auto_line
     return {
         "format": SUMMARY_FORMAT,
         "toolkit_version": __version__,
-        "worker": {"index": spec.index, "count": spec.count, "from": spec.origin},
+        "worker": {"index": job.part.index, "count": job.part.count, "from": job.part.origin},
         "input": {
-            "source": str(inputs.source),
-            "kind": inputs.kind,
-            "count": len(inputs),
-            "skipped_without_image_extension": inputs.skipped,
-            "sha256": inputs.fingerprint,
+            "source": str(job.inputs.source),
+            "kind": job.inputs.kind,
+            "count": len(job.inputs),
+            "skipped_without_image_extension": job.inputs.skipped,
+            "sha256": job.inputs.fingerprint,
         },
         "output": {
-            "folder": str(out_folder.root),
-            "files": len(my_files),
-            "written_now": len(written_now),
-            "resumed": len(my_files) - len(written_now),
-            "first_file": min(my_files) if my_files else None,
-            "last_file": max(my_files) if my_files else None,
+            "folder": str(job.folder.root),
+            "files": len(job.files),
+            "written_now": len(job.pending),
+            "resumed": len(job.files) - len(job.pending),
+            "first_file": min(job.files) if job.files else None,
+            "last_file": max(job.files) if job.files else None,
         },
-        "counts": {
-            "assigned": sum(marker["stop_index"] - marker["first_index"] for marker in markers.values()),
-            "embedded": embedded,
-            "failed": failed,
-            "failed_by_reason": dict(sorted(failed_by_reason.items())),
-        },
-        "this_run": {
-            "images": processed,
-            "embedded": stats.embedded,
-            "failed": stats.failed,
-            # everything, from listing the inputs and loading the engine to the summary
-            "wall_seconds": round(wall_seconds, 3),
-            # from the first image decoded to the last file written: the steady pipeline
-            "pipeline_seconds": round(pipeline_seconds, 3),
-            "images_per_second": rate(processed, pipeline_seconds),
-            "images_per_wall_second": rate(processed, wall_seconds),
-        },
-        "stages": {
-            "decode": {
-                "workers": workers,
-                "worker_seconds": round(stats.decode_seconds, 3),
-                "images_per_worker_second": rate(processed, stats.decode_seconds),
-                "main_waited_seconds": round(stats.wait_seconds, 3),
-                "worker_startup_seconds": round(decoder.startup_seconds, 3) if decoder is not None else 0.0,
-                "worker_restarts": decoder.restarts if decoder is not None else 0,
-            },
-            "inference": {
-                "seconds": round(stats.inference_seconds, 3),
-                "images_per_second": rate(stats.embedded, stats.inference_seconds),
-                "batches": stats.batches,
-                "batch_size": batch_size,
-                "padded_rows": stats.padded_rows,
-            },
-            # in a background thread, overlapped with inference
-            "write": {"seconds": round(stats.write_seconds, 3), "background": True},
-        },
-        "engine": {
-            "name": engine_name,
-            "description": getattr(runner, "description", engine_name),
-            "precision": params["precision"],
-        },
-        "model": {"path": model, "sha256": params["model_sha256"]},
+        "counts": _counts(job.markers),
+        "this_run": _this_run(stats, wall_seconds, pipeline_seconds),
+        "stages": _stages(stats, decoder, job.settings),
+        "engine": engine_section,
+        "model": {"path": job.model, "sha256": params["model_sha256"]},
         "embedding": {
             "pool": params["pool"],
             "dtype": params["dtype"],
@@ -802,58 +822,61 @@ def _summary(
             else "2-D [N, D] per file, row-aligned with metadata/",
         },
         "preprocessing": {**params["preprocessing"], "resize": params["resize"]},
+        # The whole job, not only this worker's part: a file no worker has finished yet is said, never left unsaid.
+        "plan": {
+            "workers": job.plan["workers"],
+            "files": job.plan["files"],
+            "done": job.folder.done_count(list(range(job.plan["files"])), job.params_sha256),
+        },
     }
 
 
-# ---------------------------------------------------------------------------------------------------- CLI
-def run_embed(**options: Any) -> dict[str, Any]:
-    """`mae embed`: enums to strings, the run, then a short report on stdout."""
-    values = {name: getattr(value, "value", value) for name, value in options.items()}
-    if "input" in values:
-        values["input"] = str(values["input"])
-    try:
-        summary = embed(**values)
-    except EmbedFailures as exc:
-        _print_report(exc.summary)
-        raise
-    _print_report(summary)
-    return summary
+def _counts(markers: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """This worker's files, from their done markers: written now or by an earlier run alike."""
+    failed_by_reason: dict[str, int] = {}
+    for marker in markers.values():
+        for reason, count in marker.get("failed_by_reason", {}).items():
+            failed_by_reason[reason] = failed_by_reason.get(reason, 0) + count
+    return {
+        "assigned": sum(marker["stop_index"] - marker["first_index"] for marker in markers.values()),
+        "embedded": sum(marker["rows"] for marker in markers.values()),
+        "failed": sum(marker["failed"] for marker in markers.values()),
+        "failed_by_reason": dict(sorted(failed_by_reason.items())),
+    }
 
 
-def _print_report(summary: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _this_run(stats: _Stats, wall_seconds: float, pipeline_seconds: float) -> dict[str, Any]:
+    processed = stats.embedded + stats.failed
+    return {
+        "images": processed,
+        "embedded": stats.embedded,
+        "failed": stats.failed,
+        # everything, from listing the inputs and loading the engine to the summary
+        "wall_seconds": round(wall_seconds, 3),
+        # from the first image decoded to the last file written: the steady pipeline
+        "pipeline_seconds": round(pipeline_seconds, 3),
+        "images_per_second": _rate(processed, pipeline_seconds),
+        "images_per_wall_second": _rate(processed, wall_seconds),
+    }
 
-    console = Console()
-    counts, this_run, stages = summary["counts"], summary["this_run"], summary["stages"]
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    worker = summary["worker"]
-    if worker["count"] > 1:
-        table.add_row("worker", f"{worker['index']}/{worker['count']} (from {worker['from']})")
-    table.add_row("engine", summary["engine"]["description"])
-    embedding = summary["embedding"]
-    l2 = ", l2-normalized" if embedding["l2_normalize"] else ""
-    table.add_row("embedding", f"{embedding['pool']} {embedding['shape']} {embedding['dtype']}{l2}")
-    table.add_row(
-        "files", f"{summary['output']['files']} ({summary['output']['written_now']} written now, "
-        f"{summary['output']['resumed']} already done)",
-    )  # fmt: skip
-    table.add_row("images", f"{counts['embedded']} embedded, {counts['failed']} failed of {counts['assigned']}")
-    if counts["failed_by_reason"]:
-        table.add_row("failures", ", ".join(f"{n} {reason}" for reason, n in counts["failed_by_reason"].items()))
-    if this_run["images"]:
-        table.add_row(
-            "speed",
-            f"{this_run['images_per_second']} img/s overall; inference {stages['inference']['images_per_second']}"
-            f" img/s; decode {stages['decode']['images_per_worker_second']} img/s per worker",
-        )
-    plan = summary.get("plan")
-    if plan and plan["done"] < plan["files"]:
-        rest = plan["files"] - plan["done"]
-        who = f"the other {plan['workers'] - 1} workers' part, or " if plan["workers"] > 1 else ""
-        text = f"{plan['done']} of {plan['files']} output files done; {rest} still to write ({who}run again)"
-        table.add_row("job", text)
-    table.add_row("output", summary["output"]["folder"])
-    console.print(table)
+
+def _stages(stats: _Stats, decoder: Decoder | None, settings: EmbedSettings) -> dict[str, Any]:
+    return {
+        "decode": {
+            "workers": settings.workers,
+            "worker_seconds": round(stats.decode_seconds, 3),
+            "images_per_worker_second": _rate(stats.embedded + stats.failed, stats.decode_seconds),
+            "main_waited_seconds": round(stats.wait_seconds, 3),
+            "worker_startup_seconds": round(decoder.startup_seconds, 3) if decoder is not None else 0.0,
+            "worker_restarts": decoder.restarts if decoder is not None else 0,
+        },
+        "inference": {
+            "seconds": round(stats.inference_seconds, 3),
+            "images_per_second": _rate(stats.embedded, stats.inference_seconds),
+            "batches": stats.batches,
+            "batch_size": settings.batch_size,
+            "padded_rows": stats.padded_rows,
+        },
+        # in a background thread, overlapped with inference
+        "write": {"seconds": round(stats.write_seconds, 3), "background": True},
+    }

@@ -14,10 +14,10 @@ Each input has a `key` (the relative path, the line, or the match) that identifi
 data is mounted; the keys' checksum is the input's fingerprint, recorded in the output so that a changed input is
 detected rather than silently mixed.
 
-Sharding (`shard_spec`): `--shard I/N`, else torchrun's RANK / WORLD_SIZE, else a Slurm array's
-SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (minus SLURM_ARRAY_TASK_MIN), else 0/1. Output files are numbered over
-the whole input (file k holds inputs [k * shard_size, (k + 1) * shard_size)) and worker I writes files k with
-k % N == I: disjoint, deterministic, and together the whole input.
+This worker's part (`worker_part`: worker I of N): `--shard I/N`, else torchrun's RANK / WORLD_SIZE, else a Slurm
+array's SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (minus SLURM_ARRAY_TASK_MIN), else 0/1. Output files are
+numbered over the whole input (file k holds inputs [k * shard_size, (k + 1) * shard_size)) and worker I writes files
+k with k % N == I: disjoint, deterministic, and together the whole input.
 """
 
 from __future__ import annotations
@@ -157,9 +157,11 @@ def list_inputs(source: str | os.PathLike, exclude: str | os.PathLike | None = N
     return inputs
 
 
-# --------------------------------------------------------------------------------------------------- shards
+# ---------------------------------------------------------------------------------------------- worker parts
 @dataclass(frozen=True)
-class ShardSpec:
+class WorkerPart:
+    """Which worker this is, of how many (`--shard I/N`): it writes the output files k with k % N == I."""
+
     index: int  # I, 0-based
     count: int  # N
     origin: str  # "--shard", "RANK/WORLD_SIZE", "SLURM array" or "single"
@@ -176,13 +178,13 @@ def _parse_int(value: str, what: str) -> int:
         raise MAEError(f"{what} must be an integer, got {value!r}") from exc
 
 
-def shard_spec(spec: str | None = None, environ: dict[str, str] | None = None) -> ShardSpec:
-    """This worker's I/N from `--shard`, torchrun or Slurm variables, or 0/1."""
+def worker_part(shard: str | None = None, environ: dict[str, str] | None = None) -> WorkerPart:
+    """This worker's I/N from `--shard` (`shard`), torchrun or Slurm variables, or 0/1."""
     env = os.environ if environ is None else environ
-    if spec:
-        parts = spec.split("/")
+    if shard:
+        parts = shard.split("/")
         if len(parts) != 2:
-            raise MAEError(f"--shard {spec!r} must look like I/N, e.g. 0/4 (worker 0 of 4).")
+            raise MAEError(f"--shard {shard!r} must look like I/N, e.g. 0/4 (worker 0 of 4).")
         index, count = _parse_int(parts[0], "--shard I"), _parse_int(parts[1], "--shard N")
         origin = "--shard"
     elif env.get("WORLD_SIZE"):
@@ -194,19 +196,19 @@ def shard_spec(spec: str | None = None, environ: dict[str, str] | None = None) -
         count = _parse_int(env["SLURM_ARRAY_TASK_COUNT"], "SLURM_ARRAY_TASK_COUNT")
         origin = "SLURM array"
     else:
-        return ShardSpec(0, 1, "single")
+        return WorkerPart(0, 1, "single")
     if count < 1 or not 0 <= index < count:
         raise MAEError(f"Shard {index}/{count} ({origin}) is out of range: need 0 <= I < N.")
-    return ShardSpec(index, count, origin)
+    return WorkerPart(index, count, origin)
 
 
 def num_output_files(total: int, shard_size: int) -> int:
     return (total + shard_size - 1) // shard_size
 
 
-def output_files_for(total: int, shard_size: int, spec: ShardSpec) -> list[int]:
-    """The global output file numbers worker spec.index writes: k with k % N == I."""
-    return list(range(spec.index, num_output_files(total, shard_size), spec.count))
+def output_files_for(total: int, shard_size: int, part: WorkerPart) -> list[int]:
+    """The global output file numbers worker part.index writes: k with k % N == I."""
+    return list(range(part.index, num_output_files(total, shard_size), part.count))
 
 
 def file_range(number: int, total: int, shard_size: int) -> range:

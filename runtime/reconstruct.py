@@ -1,8 +1,8 @@
 """Masked reconstruction: images -> masking -> encoder -> decoder -> pictures, arrays and metrics.
 
 Every engine goes through the same numpy steps (preprocess, `masking`, `visualize`), so engines differ only by
-the numerics of their graphs. `reconstruct` is the library call (the demo uses it); `run_reconstruct` is
-`mae reconstruct`: it writes the pictures (and arrays) and prints a table.
+the numerics of their graphs. `reconstruct` is the library call (the demo uses it); `save_pictures` and
+`write_arrays` write what `mae reconstruct` asks for, and `mae.reports.reconstruct` prints its table.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from mae.core.bundle import Bundle, is_bundle
+from mae.core.bundle import Bundle, is_bundle, no_decoder_error, not_a_bundle_error
 from mae.core.config import MAEConfig
 from mae.core.errors import MAEError
 from mae.core.files import atomic_write_bytes
@@ -111,26 +111,17 @@ def _resolve_model(model: Any, engine: str) -> _Model:
     if is_bundle(path):
         bundle = Bundle.load(path)
         if not bundle.has_decoder:
-            raise MAEError(
-                f"The bundle {bundle.path} has no decoder: reconstruction needs the full (decoder) weights.",
-                hint="export from weights that include the decoder (e.g. mae_visualize_vit_*.pth or `mae train`)",
-            )
+            raise no_decoder_error(f"The bundle {bundle.path}")
         notes = []
         if not bundle.manifest.get("norm_pix_loss_known", True):
             notes.append(f"the source weights do not record norm_pix_loss; assumed {bundle.norm_pix_loss}")
         return _Model(bundle.config, bundle.preprocessing, bundle.norm_pix_loss, str(bundle.path), bundle, notes)
     if engine != "torch":
-        raise MAEError(
-            f"The {engine} engine runs an exported bundle, and {path} is not one (no mae.json).",
-            hint=f"export it first (`mae export {path} --out BUNDLE`) or add --engine torch",
-        )
+        raise not_a_bundle_error(path, engine)
 
     network, loaded = load_weights(path)
     if not loaded.has_decoder:
-        raise MAEError(
-            f"{path} holds the encoder only: reconstruction needs the full (decoder) weights.",
-            hint="use weights with the decoder (e.g. mae_visualize_vit_*.pth or a `mae train` checkpoint)",
-        )
+        raise no_decoder_error(str(path))
     cfg = loaded.config
     notes = []
     if not loaded.norm_pix_loss_known:  # the loader says what it assumed and why
@@ -239,6 +230,19 @@ def _load_images(images: Sequence[ImageInput], pre: Preprocessing, resize: str |
 
 
 # ------------------------------------------------------------------------------------------------- library
+class ReconstructProgress(Protocol):
+    """How `reconstruct` reports its batches, for the app to show (`mae reconstruct` draws a bar while they run)."""
+
+    def start(self, total: int, label: str) -> None:
+        """`total` batches (of `batch_size` images) are about to run."""
+
+    def advance(self, count: int) -> None:
+        """`count` more batches are done."""
+
+    def close(self) -> None:
+        """The batches stopped, finished or not."""
+
+
 def reconstruct(
     images: Sequence[ImageInput],
     model: Any,
@@ -252,7 +256,7 @@ def reconstruct(
     device: str | None = None,
     batch_size: int = 16,
     engines: tuple[Engine, Engine] | None = None,
-    progress: bool = False,
+    progress: ReconstructProgress | None = None,
     allow_emulated_bf16: bool = False,
 ) -> ReconstructionResult:
     """Reconstruct images (files, uint8 [H, W, 3] arrays or Pillow images) with `model`.
@@ -261,7 +265,7 @@ def reconstruct(
     torch or auto (`mae.runtime.engines.auto`; precision None lets it choose, else fp32). Masking comes from `noise`
     ([N, L] array or .npy, smallest kept, as Hugging Face's `noise`) or else from numpy noise seeded by `seed`.
     engines: an (encoder, decoder) pair from `create_engines`, to reuse across calls.
-    progress: a progress bar over the batches (when there is more than one).
+    progress: told of the batches as they run.
     allow_emulated_bf16: torch bf16 on a CPU without bf16 instructions (refused otherwise, as it is very slow).
     """
     if not images:
@@ -272,11 +276,10 @@ def reconstruct(
     if engines is None:
         engine, precision, auto_options, auto_line = resolve_auto(model, engine, precision)
     resolved = _resolve_model(model, engine)
-    cfg, pre = resolved.config, resolved.preprocessing
-    names, sizes, pixel_values = _load_images(images, pre, resize)
-    count, length = len(names), cfg.num_patches
+    names, sizes, pixel_values = _load_images(images, resolved.preprocessing, resize)
+    count, length = len(names), resolved.config.num_patches
     noise_array = load_noise(noise, count, length) if noise is not None else random_noise(count, length, seed)
-    masking: Masking = masking_from_noise(noise_array, mask_ratio)
+    masking = masking_from_noise(noise_array, mask_ratio)
 
     notes = ([auto_line] if auto_line else []) + list(resolved.notes)
     if engines is None:
@@ -285,29 +288,69 @@ def reconstruct(
         notes += engine_notes
     else:
         encoder, decoder = engines
+    latent, pred = _run_batches(encoder, decoder, pixel_values, masking, batch_size, progress)
+    prepared = _Images(names, sizes, pixel_values, noise_array, masking)
+    return _result(resolved, prepared, latent, pred, mask_ratio, [encoder.description, decoder.description], notes)
 
-    from rich.progress import track
 
+def _run_batches(
+    encoder: Engine,
+    decoder: Engine,
+    pixel_values: np.ndarray,
+    masking: Masking,
+    batch_size: int,
+    progress: ReconstructProgress | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder and the decoder over batches of `batch_size` images: (latent [N, 1+K, D], pred [N, L, p*p*3])."""
     latents, preds = [], []
-    starts = range(0, count, batch_size)
-    for start in track(starts, description="reconstructing", disable=not progress or len(starts) < 2, transient=True):
-        rows = slice(start, start + batch_size)
-        latent = encoder.run({"pixel_values": pixel_values[rows], "ids_keep": masking.ids_keep[rows]})["latent"]
-        pred = decoder.run({"latent": latent, "ids_restore": masking.ids_restore[rows]})["pred"]
-        latents.append(latent)  # [b, 1+K, D]
-        preds.append(pred)  # [b, L, p*p*3]
-    latent, pred = np.concatenate(latents), np.concatenate(preds)
+    starts = range(0, len(pixel_values), batch_size)
+    if progress is not None:
+        progress.start(len(starts), "reconstructing")
+    try:
+        for start in starts:
+            rows = slice(start, start + batch_size)
+            latent = encoder.run({"pixel_values": pixel_values[rows], "ids_keep": masking.ids_keep[rows]})["latent"]
+            pred = decoder.run({"latent": latent, "ids_restore": masking.ids_restore[rows]})["pred"]
+            latents.append(latent)  # [b, 1+K, D]
+            preds.append(pred)  # [b, L, p*p*3]
+            if progress is not None:
+                progress.advance(1)
+    finally:
+        if progress is not None:
+            progress.close()
+    return np.concatenate(latents), np.concatenate(preds)
 
+
+@dataclass(frozen=True)
+class _Images:
+    """The images as the engines got them."""
+
+    names: list[str]
+    sizes: list[tuple[int, int]]
+    pixel_values: np.ndarray  # [N, 3, S, S]
+    noise: np.ndarray  # [N, L]
+    masking: Masking
+
+
+def _result(
+    resolved: _Model,
+    images: _Images,
+    latent: np.ndarray,
+    pred: np.ndarray,
+    mask_ratio: float,
+    engines: list[str],
+    notes: list[str],
+) -> ReconstructionResult:
+    """The pictures and metrics of the reconstructed images, with everything they were made from."""
+    cfg, pre, masking = resolved.config, resolved.preprocessing, images.masking
     visual = (cfg.patch_size, pre.mean, pre.std, resolved.norm_pix_loss)
-    panels = build_panels(pixel_values, pred, masking.mask, *visual)
-    metrics = masked_metrics(pixel_values, pred, masking.mask, *visual, panels=panels)
-    if resolved.norm_pix_loss:
-        notes.append(NORM_PIX_NOTE)
+    panels = build_panels(images.pixel_values, pred, masking.mask, *visual)
+    metrics = masked_metrics(images.pixel_values, pred, masking.mask, *visual, panels=panels)
     return ReconstructionResult(
-        names=names,
-        original_sizes=sizes,
-        pixel_values=pixel_values,
-        noise=noise_array,
+        names=images.names,
+        original_sizes=images.sizes,
+        pixel_values=images.pixel_values,
+        noise=images.noise,
         ids_keep=masking.ids_keep,
         mask=masking.mask,
         ids_restore=masking.ids_restore,
@@ -319,12 +362,17 @@ def reconstruct(
         norm_pix_loss=resolved.norm_pix_loss,
         config=cfg,
         preprocessing=pre,
-        engines=[encoder.description, decoder.description],
-        notes=notes,
+        engines=engines,
+        notes=[*notes, NORM_PIX_NOTE] if resolved.norm_pix_loss else notes,
     )
 
 
 # ------------------------------------------------------------------------------------------------- output
+def _picture_stem(name: str) -> str:
+    """The start of an image's picture file name: its own name's stem, spaces made underscores."""
+    return Path(name).stem.replace(" ", "_") or "image"
+
+
 def picture_paths(names: Sequence[str], out: Path) -> list[Path] | Path:
     """One picture file for all images when `out` names a picture file, else one per image inside `out`.
 
@@ -335,7 +383,7 @@ def picture_paths(names: Sequence[str], out: Path) -> list[Path] | Path:
         return out
     paths, used = [], set()
     for name in names:
-        stem = Path(name).stem.replace(" ", "_") or "image"
+        stem = _picture_stem(name)
         candidate, counter = stem, 1
         # photos from different folders may share a name, and an earlier run may have left its pictures here
         while candidate in used or (out / f"{candidate}_reconstruction.png").exists():
@@ -352,6 +400,32 @@ def save_picture(picture: Image.Image, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+@dataclass(frozen=True)
+class SavedPictures:
+    """What `save_pictures` wrote, and what the person who asked should be told."""
+
+    files: list[Path]  # the picture of each image (one file for all when `out` named a picture file)
+    replaced: list[Path]  # files named by the user that existed: overwritten (the arrays file: about to be)
+    numbered: int  # pictures given a number, so as to overwrite no file of the same name
+
+
+def save_pictures(result: ReconstructionResult, out: Path, save_arrays: Path | None = None) -> SavedPictures:
+    """`mae reconstruct`'s pictures (see `picture_paths`); `save_arrays`, where the arrays will go, is only checked
+    for an existing file."""
+    targets = picture_paths(result.names, out)
+    replaced = [targets] if isinstance(targets, Path) and targets.exists() else []
+    if save_arrays is not None and arrays_file(save_arrays).exists():
+        replaced.append(arrays_file(save_arrays))
+    if isinstance(targets, Path):
+        save_picture(result.picture(), targets)
+        return SavedPictures([targets] * len(result.names), replaced, 0)
+    for index, target in enumerate(targets):
+        save_picture(result.picture([index]), target)
+    plain = [f"{_picture_stem(name)}_reconstruction" for name in result.names]
+    numbered = sum(path.stem != stem for path, stem in zip(targets, plain, strict=True))
+    return SavedPictures(targets, replaced, numbered)
+
+
 def arrays_file(path: Path) -> Path:
     """Where `--save-arrays PATH` writes: PATH, with .npz added when it has another suffix (as numpy would)."""
     return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
@@ -364,84 +438,3 @@ def write_arrays(result: ReconstructionResult, path: Path) -> Path:
     np.savez(buffer, **result.arrays())
     atomic_write_bytes(path, buffer.getvalue())
     return path
-
-
-def run_reconstruct(
-    images: Sequence[Path],
-    model: str,
-    engine: str = "auto",
-    provider: str = "auto",
-    precision: str | None = None,
-    mask_ratio: float = 0.75,
-    seed: int | None = 0,
-    noise: Path | None = None,
-    resize: str = "center",
-    out: Path = Path("reconstructions"),
-    save_arrays: Path | None = None,
-    device: str = "auto",
-    allow_emulated_bf16: bool = False,
-) -> ReconstructionResult:
-    """`mae reconstruct`: write the 4-panel pictures (and arrays), print PSNR / MSE on the removed patches."""
-    from rich.console import Console
-    from rich.table import Table
-
-    value = lambda option: getattr(option, "value", option)  # noqa: E731 - Typer hands over str Enums
-    result = reconstruct(
-        [Path(p) for p in images],
-        model,
-        engine=value(engine),
-        mask_ratio=mask_ratio,
-        seed=seed,
-        noise=noise,
-        resize=value(resize),
-        precision=value(precision),
-        provider=value(provider),
-        device=value(device),
-        progress=True,
-        allow_emulated_bf16=allow_emulated_bf16,
-    )
-    out = Path(out)
-    targets = picture_paths(result.names, out)
-    replaced = [path for path in ([targets] if isinstance(targets, Path) else []) if path.exists()]
-    if save_arrays is not None and arrays_file(Path(save_arrays)).exists():
-        replaced.append(arrays_file(Path(save_arrays)))
-    if isinstance(targets, Path):
-        save_picture(result.picture(), targets)
-        written = [targets] * len(result.names)
-    else:
-        written = targets
-        for index, target in enumerate(targets):
-            save_picture(result.picture([index]), target)
-
-    console = Console()
-    table = Table(title=f"Masked reconstruction, {result.mask_ratio:.0%} of patches removed", title_justify="left")
-    for column, justify in (("image", "left"), ("size", "right"), ("PSNR dB", "right"), ("MSE", "right")):
-        table.add_column(column, justify=justify)
-    table.add_column("loss", justify="right")
-    table.add_column("picture", justify="left", overflow="fold")
-    for index, name in enumerate(result.names):
-        width, height = result.original_sizes[index]
-        psnr, mse, loss = (
-            float(values[index]) for values in (result.metrics.psnr, result.metrics.mse, result.metrics.loss)
-        )
-        cells = ("-", "-", "-") if np.isnan(mse) else (f"{psnr:.2f}", f"{mse:.5f}", f"{loss:.4f}")
-        table.add_row(name, f"{width}x{height}", *cells, str(written[index]))
-    console.print(table)
-    console.print("PSNR and MSE: [0, 1] pixels on the removed patches; loss: the training loss there.")
-    for description in dict.fromkeys(result.engines):
-        console.print(f"engine: {description}")
-    for note in result.notes:
-        console.print(f"note: {note}")
-    if save_arrays is not None:
-        console.print(f"arrays: {write_arrays(result, Path(save_arrays))}")
-    for path in replaced:  # named by the user, so replaced, but never silently
-        console.print(f"replaced {path} (it existed; name a new file to keep both)", soft_wrap=True)
-    if not isinstance(targets, Path):
-        plain = [f"{Path(name).stem.replace(' ', '_') or 'image'}_reconstruction" for name in result.names]
-        numbered = [path for path, stem in zip(targets, plain, strict=True) if path.stem != stem]
-        if numbered:
-            console.print(
-                f"numbered {len(numbered)} picture(s), so as to overwrite no file of the same name in {out}",
-                soft_wrap=True,
-            )
-    return result

@@ -1,7 +1,7 @@
-"""The embedding output folder: row-aligned shard files, done markers, and the run's recorded parameters.
+"""The embedding output folder: row-aligned output files, done markers, and the run's recorded parameters.
 
     OUT/
-      run.json                 the parameters every shard was computed with (model checksum, pool, resize, ...)
+      run.json                 the parameters every file was computed with (model checksum, pool, resize, ...)
                                and the plan: {workers N, files, shard_size, inputs, inputs_sha256}
       embeddings/NNNNN.npy     float32|float16 [n, D] (C order); [n, 1+L, D] for pool=tokens
       metadata/NNNNN.parquet   n rows, row i describes embeddings row i: path, key, index, status, error, width, height
@@ -13,7 +13,7 @@ row of every .npy, so a placeholder row (zeros or NaN) for a broken image would 
 the index). Failed inputs are therefore in neither, and `failures/` records each with its reason.
 
 Every file is written to a temporary name in its folder, fsynced and renamed; the done marker comes last, so a
-shard without a valid marker is simply computed again, and nothing half-written is ever taken as finished. A marker
+file without a valid marker is simply computed again, and nothing half-written is ever taken as finished. A marker
 is valid only if it names this run's parameters and inputs, its counts add up to the file's inputs and match the
 .npy header, and the files it lists have the recorded checksums. Temporaries are owner-tagged (`mae.core.files`): a run
 removes only those of dead processes, so two runs in one folder never delete each other's files.
@@ -49,14 +49,14 @@ from mae.core.files import (
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "mae-embeddings"
-DONE_FORMAT = "mae-embeddings-shard"
+DONE_FORMAT = "mae-embeddings-shard"  # the "format" of a done marker (one per output file)
 FORMAT_VERSION = 1
 FOLDERS = ("embeddings", "metadata", "failures", "done")
 METADATA_COLUMNS = ("path", "key", "index", "status", "error", "width", "height")
 FAILURE_COLUMNS = (*METADATA_COLUMNS, "message")
 
 
-def shard_name(number: int) -> str:
+def file_stem(number: int) -> str:
     return f"{number:05d}"
 
 
@@ -65,7 +65,7 @@ def params_checksum(params: dict[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class ShardRows:
+class FileRows:
     """One output file's content before writing."""
 
     embeddings: np.ndarray  # [n, ...] in the output dtype, C order
@@ -79,11 +79,12 @@ class OutputFolder:
 
     def path(self, folder: str, number: int) -> Path:
         suffix = {"embeddings": ".npy", "metadata": ".parquet", "failures": ".parquet", "done": ".json"}[folder]
-        return self.root / folder / f"{shard_name(number)}{suffix}"
+        return self.root / folder / f"{file_stem(number)}{suffix}"
 
     # ------------------------------------------------------------------------------------------ run.json
     def claim(self, params: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-        """Record `params` and the shard `plan` in run.json, or check that the folder was started with the same.
+        """Record `params` and the `plan` (who writes which files) in run.json, or check that the folder was started
+        with the same.
 
         Several workers may start at once: the first hard-link of a complete temporary file wins, the others
         read it and compare. Returns the recorded plan.
@@ -151,9 +152,9 @@ class OutputFolder:
             )
         return recorded
 
-    # ---------------------------------------------------------------------------------------------- shards
+    # ----------------------------------------------------------------------------------------------- files
     def clean_temporaries(self, numbers: list[int]) -> int:
-        """Remove temporary files that a killed run left for the shards `numbers`.
+        """Remove temporary files that a killed run left for the output files `numbers`.
 
         Only those of dead processes (`mae.core.files.remove_leftovers`): another run writing into the same folder
         keeps its in-flight files. Returns how many were removed.
@@ -167,7 +168,7 @@ class OutputFolder:
     def is_done(
         self, number: int, params_sha256: str, keys_sha256: str, indexes: range | None = None
     ) -> dict[str, Any] | None:
-        """The done marker of shard `number` if it is complete and belongs to this run, else None.
+        """The done marker of output file `number` if it is complete and belongs to this run, else None.
 
         Complete: it names this run's parameters and inputs, its row counts add up to the file's inputs (`indexes`)
         and match the embeddings file, and the files it lists have the recorded sizes and checksums.
@@ -207,10 +208,10 @@ class OutputFolder:
             count += isinstance(marker, dict) and marker.get("params_sha256") == params_sha256
         return count
 
-    def write_shard(
+    def write_file(
         self,
         number: int,
-        rows: ShardRows,
+        rows: FileRows,
         params_sha256: str,
         keys_sha256: str,
         index_range: range,
@@ -241,7 +242,7 @@ class OutputFolder:
         marker = {
             "format": DONE_FORMAT,
             "format_version": FORMAT_VERSION,
-            "shard": number,
+            "shard": number,  # the output file's number
             "first_index": index_range.start,
             "stop_index": index_range.stop,
             "rows": int(embeddings.shape[0]),

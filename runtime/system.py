@@ -1,4 +1,5 @@
-"""`mae info --system`: this machine's CPU, CUDA GPUs and installed engines, for engine choices and bug reports.
+"""`mae info --system`: this machine's CPU, CUDA GPUs and installed engines, for engine choices and bug reports, as
+plain data (`mae.reports.export` prints it).
 
 Torch-free: versions come from package metadata, and PyTorch's view of CUDA is asked (through the torch engine's
 module) only when torch is installed. A package that is installed but fails to load is reported with its error
@@ -37,13 +38,6 @@ PACKAGES: dict[str, _Package] = {
     "torch": _Package("torch", ("torch",)),
     "nncf": _Package("nncf", ("nncf",)),
     "cuda-python": _Package("cuda", ("cuda-python", "cuda-bindings")),
-}
-INT8_NOTES = {
-    "amx": "AMX-INT8 tiles, exact int32 accumulation",
-    "vnni": "VNNI dot products, exact int32 accumulation",
-    "avx512": "no VNNI: u8 x s8 pairs summed into int16 with saturation (exact for 7-bit weights)",
-    "avx2": "no VNNI: u8 x s8 pairs summed into int16 with saturation (exact for 7-bit weights)",
-    "baseline": "no int8 dot-product instructions",
 }
 
 
@@ -107,60 +101,3 @@ def system_report() -> dict[str, Any]:
         "platform": platform.platform(),
         "toolkit_version": __version__,
     }
-
-
-def _engine_text(name: str, facts: dict[str, Any]) -> str:
-    from rich.markup import escape
-
-    if "error" in facts:
-        return f"[red]cannot load: {escape(facts['error'])}[/red]"
-    if name == "onnxruntime":
-        return "providers: " + ", ".join(p.removesuffix("ExecutionProvider") for p in facts["providers"])
-    if name == "openvino":
-        precision = facts.get("cpu_inference_precision")
-        return "devices: " + ", ".join(facts["devices"]) + (f"; CPU computes in {precision}" if precision else "")
-    if name == "torch":
-        if not facts["cuda_build"]:
-            return "CPU-only build"
-        gpus = f"{facts['cuda_devices']} CUDA GPU(s) available" if facts["cuda_available"] else "no CUDA GPU available"
-        return f"CUDA {facts['cuda_build']} build, {gpus}"
-    return ""
-
-
-def print_system_report(report: dict[str, Any] | None = None, console: Any = None) -> dict[str, Any]:
-    """`mae info --system`: print `report` (default: `system_report()`) as two tables; return it."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    report = report or system_report()
-    console = console or Console()
-    cpu = report["cpu"]
-    machine = Table(title="This machine", show_header=False, title_justify="left")
-    machine.add_column(style="bold")
-    machine.add_column(overflow="fold")
-    machine.add_row("CPU", f"{escape(cpu['model'])} ({cpu['machine'] or '?'}), {cpu['threads']} threads")
-    machine.add_row("ISA", ", ".join(cpu["isa"]) or "none of AVX2, AVX-512, AMX, NEON")
-    machine.add_row("int8", f"{cpu['int8_class']}: {INT8_NOTES.get(cpu['int8_class'], '')}")
-    machine.add_row(
-        "bf16",
-        "native (AVX512-BF16 / AMX-BF16)"
-        if cpu["native_bf16"]
-        else "no bf16 instructions: bf16 would be emulated (many times slower than fp32), so it is refused "
-        "unless --allow-emulated-bf16",
-    )
-    gpus = report["cuda_gpus"]
-    machine.add_row("CUDA GPUs", ", ".join(f"{escape(g['name'])} ({g['source']})" for g in gpus) or "none")
-    machine.add_row("Python", f"{report['python']} on {report['platform']}; mae-toolkit {report['toolkit_version']}")
-    console.print(machine)
-
-    engines = Table(title="Installed engines and packages", title_justify="left")
-    for column in ("name", "version", "runs on"):
-        engines.add_column(column, overflow="fold")
-    for name, facts in report["engines"].items():
-        engines.add_row(name, escape(str(facts["version"])), _engine_text(name, facts))
-    missing = [name for name in PACKAGES if name not in report["engines"]]
-    console.print(engines)
-    if missing:
-        console.print(f"not installed: {', '.join(missing)}", highlight=False)
-    return report

@@ -21,12 +21,12 @@ from mae.core.preprocess import load_and_preprocess
 from mae.runtime.embed import Decoder, EmbedFailures, embed
 from mae.runtime.embed_worker import DecodeTask
 from mae.runtime.inputs import (
-    ShardSpec,
+    WorkerPart,
     file_range,
     list_inputs,
     num_output_files,
     output_files_for,
-    shard_spec,
+    worker_part,
 )
 
 
@@ -104,21 +104,21 @@ def test_list_file_glob_and_single_file(tmp_path):
         list_inputs(tmp_path / "empty")
 
 
-def test_shard_spec_sources():
-    assert shard_spec("1/4", {}) == ShardSpec(1, 4, "--shard")
-    assert shard_spec(None, {"RANK": "2", "WORLD_SIZE": "3"}) == ShardSpec(2, 3, "RANK/WORLD_SIZE")
+def test_worker_part_sources():
+    assert worker_part("1/4", {}) == WorkerPart(1, 4, "--shard")
+    assert worker_part(None, {"RANK": "2", "WORLD_SIZE": "3"}) == WorkerPart(2, 3, "RANK/WORLD_SIZE")
     slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}
-    assert shard_spec(None, slurm) == ShardSpec(2, 4, "SLURM array")
-    assert shard_spec(None, {}) == ShardSpec(0, 1, "single")
-    assert shard_spec("0/2", {"RANK": "1", "WORLD_SIZE": "2"}).index == 0  # the option wins
+    assert worker_part(None, slurm) == WorkerPart(2, 4, "SLURM array")
+    assert worker_part(None, {}) == WorkerPart(0, 1, "single")
+    assert worker_part("0/2", {"RANK": "1", "WORLD_SIZE": "2"}).index == 0  # the option wins
     for bad in ("4/4", "1", "a/b", "-1/2", "0/0"):
         with pytest.raises(MAEError):
-            shard_spec(bad, {})
+            worker_part(bad, {})
 
 
 @pytest.mark.parametrize("total, shard_size, workers", [(23, 4, 3), (5, 10, 2), (40, 5, 8), (1, 1, 1)])
 def test_sharding_partitions_the_input(total, shard_size, workers):
-    assigned = [output_files_for(total, shard_size, ShardSpec(i, workers, "test")) for i in range(workers)]
+    assigned = [output_files_for(total, shard_size, WorkerPart(i, workers, "test")) for i in range(workers)]
     files = [number for numbers in assigned for number in numbers]
     assert sorted(files) == list(range(num_output_files(total, shard_size)))  # disjoint, complete
     positions = [i for number in files for i in file_range(number, total, shard_size)]

@@ -386,7 +386,7 @@ def test_encoder_only_with_external_data(tmp_path: Path, tiny_model: MaskedAutoe
 def test_describe_bundle(bundle: Bundle) -> None:
     from rich.console import Console
 
-    from mae.export.info import describe_bundle
+    from mae.reports.export import describe_bundle
 
     buffer = io.StringIO()
     summary = describe_bundle(bundle.path, console=Console(file=buffer, width=220))
@@ -468,3 +468,31 @@ def test_the_exporter_keeps_its_debug_logging_to_itself(tiny_model: MaskedAutoen
     export_graph(tiny_model, "encoder", 18)
     noisy = [r for r in caplog.records if r.name.split(".")[0] in ("torch", "onnxscript", "onnx_ir")]
     assert not [r for r in noisy if r.levelno < logging.ERROR], [r.getMessage()[:80] for r in noisy[:5]]
+
+
+def test_outputs_that_are_not_finite_never_pass_a_cosine_only_gate():
+    """The int8 gate holds only the pooled cosine: a NaN cosine used to vanish in min() and a graph whose outputs
+    were not finite passed."""
+    from mae.core.preprocess import Preprocessing
+    from mae.export.tolerances import Tolerance
+    from mae.export.verify import Reference, VerificationError, compare_outputs
+
+    class Ones(Reference):
+        label = "ones"
+
+        def _compute(self, part, feeds):  # noqa: ANN001, ANN202
+            batch, kept = feeds["ids_keep"].shape
+            return np.ones((batch, 1 + kept, 8), dtype=np.float32)
+
+    reference = Ones(16, Preprocessing(size=32))
+
+    def broken(feeds):  # noqa: ANN001, ANN202
+        out = reference._compute("encoder", feeds).copy()
+        out[0, 1:] = np.nan  # one image's patch tokens: the mean-pooled cosine is NaN, the cls one is fine
+        return out
+
+    with pytest.raises(VerificationError, match="not finite"):
+        compare_outputs(broken, "encoder.int8.onnx", "encoder", "int8", reference, Tolerance(min_cosine=0.999))
+    report = compare_outputs(lambda feeds: reference._compute("encoder", feeds), "e", "encoder", "int8", reference,
+                             Tolerance(min_cosine=0.999))  # fmt: skip
+    assert report["passed"] and report["cosine_mean"] == pytest.approx(1.0)

@@ -31,6 +31,7 @@ from mae.export.tensorrt import (
     profile_shapes,
 )
 from mae.model import MaskedAutoencoder
+from mae.runtime.engines import create_engine
 
 CONFIG = get_preset("mae_vit_test_patch8")  # L = 16, D = 32, K at mask 0.75 = 4
 ENCODER_INPUTS = [("pixel_values", ["batch", 3, 32, 32]), ("ids_keep", ["batch", "kept"])]
@@ -139,6 +140,15 @@ def test_check_engine_compatible() -> None:
     assert "--format trt" in str(info.value)
     with pytest.raises(MAEError, match="compute capability 9.0.*compute capability 8.0"):
         check_engine_compatible(made, "10.3.0", "NVIDIA H100 80GB HBM3", (8, 0))
+    # TensorRT's rule is the compute capability, not the GPU's name: an H100 PCIe runs an H100 SXM engine, and says so
+    assert check_engine_compatible(made, "10.3.0", "NVIDIA H100 80GB HBM3", "9.0") is None
+    note = check_engine_compatible(made, "10.3.0", "NVIDIA H100 PCIe", "9.0")
+    assert "built on NVIDIA H100 80GB HBM3 and runs here on NVIDIA H100 PCIe" in note
+    # a hardware-compatibility level: any compute capability from 8.0
+    portable = {**made, "hardware_compatibility": "AMPERE_PLUS"}
+    assert "runs here on NVIDIA L4" in check_engine_compatible(portable, "10.3.0", "NVIDIA L4", "8.9")
+    with pytest.raises(MAEError, match="Ampere and newer"):
+        check_engine_compatible(portable, "10.3.0", "Tesla T4", "7.5")
 
 
 def test_load_sidecar(tmp_path: Path) -> None:
@@ -160,9 +170,15 @@ class FakeTensorRT:
         self.__version__ = version
         self.calls: list[tuple] = []
         self.parse_ok, self.build_ok, self.cache_matches = parse_ok, build_ok, cache_matches
+        self.profile_refused = False
         self.Logger = self._logger_class()
-        self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=0)
-        self.BuilderFlag = SimpleNamespace(TF32=7)
+        # The real values: STRONGLY_TYPED is 1 in TensorRT 10 (0 in 11, where it is deprecated and ignored);
+        # BuilderFlag.TF32 is 6 (7 is SPARSE_WEIGHTS).
+        major = int(version.split(".")[0])
+        self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=1 if major == 10 else 0)
+        self.BuilderFlag = SimpleNamespace(FP16=0, INT8=1, DEBUG=2, GPU_FALLBACK=3, REFIT=5, TF32=6, SPARSE_WEIGHTS=7)
+        if major >= 11:
+            del self.BuilderFlag.FP16  # gone in TensorRT 11 (strongly typed only)
         self.MemoryPoolType = SimpleNamespace(WORKSPACE=0)
 
     def _logger_class(self):
@@ -194,6 +210,8 @@ class FakeTensorRT:
         class Profile:
             def set_shape(self, name, low, best, high):
                 fake.calls.append(("set_shape", name, tuple(low), tuple(best), tuple(high)))
+                if not all(a <= b <= c for a, b, c in zip(low, best, high, strict=True)):
+                    raise ValueError("min <= opt <= max is required")  # the real one raises too
 
         class Cache:
             def __init__(self, data):
@@ -211,9 +229,12 @@ class FakeTensorRT:
 
             def add_optimization_profile(self, profile):
                 fake.calls.append(("add_optimization_profile",))
+                return -1 if fake.profile_refused else 0  # the profile's index, or -1
 
             def create_timing_cache(self, data):
                 fake.calls.append(("create_timing_cache", bytes(data)))
+                if bytes(data).startswith(b"cut"):  # unreadable (another version's format, a cut file): None
+                    return None
                 return Cache(bytes(data))
 
             def set_timing_cache(self, cache, ignore_mismatch):
@@ -261,7 +282,7 @@ class FakeTensorRT:
         return Parser()
 
 
-@pytest.mark.parametrize(("version", "flags"), [("10.3.0", 1 << 0), ("11.1.0", 0)])
+@pytest.mark.parametrize(("version", "flags"), [("10.3.0", 1 << 1), ("11.1.0", 0)])
 def test_builder_call_sequence(tmp_path: Path, bundle: Bundle, version: str, flags: int) -> None:
     fake = FakeTensorRT(version)
     plan = build_plan(version, "fp32")
@@ -278,7 +299,7 @@ def test_builder_call_sequence(tmp_path: Path, bundle: Bundle, version: str, fla
         ("parse_from_file", "encoder.onnx"),
         ("create_builder_config",),
         ("set_memory_pool_limit", 0, 2 << 30),
-        ("clear_flag", 7),  # fp32: no TF32
+        ("clear_flag", 6),  # fp32: no TF32
         ("set_shape", "pixel_values", (1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32)),
         ("set_shape", "ids_keep", (1, 1), (4, 4), (8, 16)),
         ("add_optimization_profile",),
@@ -290,7 +311,34 @@ def test_builder_call_sequence(tmp_path: Path, bundle: Bundle, version: str, fla
     # The next build starts from the saved cache.
     fake.calls.clear()
     build_engine(fake, onnx_path, profiles, build_plan(version, "fp16"), timing_cache_path=cache)
-    assert ("create_timing_cache", b"+timings") in fake.calls and ("clear_flag", 7) not in fake.calls
+    assert ("create_timing_cache", b"+timings") in fake.calls and ("clear_flag", 6) not in fake.calls
+
+
+def test_a_timing_cache_tensorrt_cannot_read_is_replaced(tmp_path: Path, bundle: Bundle) -> None:
+    """create_timing_cache gives None for a cache it cannot read (another TensorRT, a cut file); passing None on to
+    set_timing_cache used to raise."""
+    fake = FakeTensorRT("10.3.0")
+    onnx_path = bundle.graph("encoder")
+    profiles = profile_shapes(onnx_graph_inputs(onnx_path), bundle.config, max_batch=8, opt_batch=4)
+    cache = tmp_path / "tensorrt.timing.cache"
+    cache.write_bytes(b"cut off in the mid")
+    build_engine(fake, onnx_path, profiles, build_plan("10.3.0", "fp32"), timing_cache_path=cache)
+    assert ("create_timing_cache", b"cut off in the mid") in fake.calls
+    assert ("set_timing_cache", b"", False) in fake.calls
+    assert cache.read_bytes() == b"+timings"  # a fresh one, saved
+
+
+def test_refused_profiles_are_errors_naming_the_input(bundle: Bundle) -> None:
+    onnx_path = bundle.graph("encoder")
+    profiles = profile_shapes(onnx_graph_inputs(onnx_path), bundle.config, max_batch=8, opt_batch=4)
+    plan = build_plan("11.1.0", "fp32")
+    fake = FakeTensorRT("11.1.0")
+    fake.profile_refused = True
+    with pytest.raises(MAEError, match="add_optimization_profile: -1"):
+        build_engine(fake, onnx_path, profiles, plan)
+    bad = {**profiles, "ids_keep": ShapeRange((1, 1), (9, 4), (8, 16))}  # opt batch above max
+    with pytest.raises(MAEError, match="refused the optimization profile of encoder.onnx input ids_keep"):
+        build_engine(FakeTensorRT("11.1.0"), onnx_path, bad, plan)
 
 
 def test_builder_errors(tmp_path: Path, bundle: Bundle) -> None:
@@ -322,7 +370,7 @@ def test_engines_written_into_the_bundle(tmp_path: Path, bundle: Bundle, monkeyp
     fake = FakeTensorRT("11.1.0")
     gpu = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
     monkeypatch.setattr(trt_export, "check_tensorrt_available", lambda: (fake, gpu))
-    grown = trt_export.run_tensorrt_export(copy, copy, precision="fp16", max_batch=8, verify=False, progress=False)
+    grown = trt_export.run_tensorrt_export(copy, copy, precision="fp16", max_batch=8, verify=False)
     assert grown.manifest["engines"] == {
         "fp16": {
             "encoder": {"file": "encoder.fp16.engine", "sidecar": "encoder.fp16.engine.json"},
@@ -338,7 +386,77 @@ def test_engines_written_into_the_bundle(tmp_path: Path, bundle: Bundle, monkeyp
     assert (copy / "tensorrt.timing.cache").is_file()
     assert ("parse_from_file", "decoder.fp16.onnx") in fake.calls  # built from the fp16 graph
     with pytest.raises(MAEError, match="written into the bundle itself"):
-        trt_export.run_tensorrt_export(copy, tmp_path / "elsewhere", precision="fp16", progress=False)
+        trt_export.run_tensorrt_export(copy, tmp_path / "elsewhere", precision="fp16")
+
+
+class FakeRunnableTensorRT(FakeTensorRT):
+    """The recording builder, whose plans also run: each deserializes to test_trt_engine's `FakeEngine` of the graph
+    it was built from (its kernels are the PyTorch model's), so the export's check runs through the runtime's own
+    `TensorRTEngine` (with test_trt_engine's `FakeCudart` for cuda-python)."""
+
+    def __init__(self, version: str, model: MaskedAutoencoder) -> None:
+        super().__init__(version)
+        self.model = model
+        self.TensorIOMode = SimpleNamespace(INPUT="input")
+
+    def Builder(self, logger):  # noqa: N802 - the module's class name
+        builder = super().Builder(logger)
+        build = builder.build_serialized_network
+
+        def build_serialized_network(network, config):  # the plan names its graph, for the runtime below
+            part = b"encoder" if "pixel_values" in network.inputs else b"decoder"
+            return memoryview(bytes(build(network, config)) + b":" + part)
+
+        builder.build_serialized_network = build_serialized_network
+        return builder
+
+    def Runtime(self, logger):  # noqa: N802
+        from test_trt_engine import FakeEngine
+
+        model = self.model
+
+        class Runtime:
+            def deserialize_cuda_engine(self, data):
+                return FakeEngine(model, "INT64", max_batch=8, part=bytes(data).rsplit(b":", 1)[1].decode())
+
+        return Runtime()
+
+
+def test_engines_are_verified_by_the_runtime_engine(
+    tmp_path: Path, bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export holds each engine, as the runtime's TensorRTEngine runs it (cuda-python buffers, its own stream),
+    to the bundle's fp32 ONNX graphs before writing it, and records the report in the sidecar."""
+    import shutil
+
+    from test_trt_engine import FakeCudart
+
+    from mae.runtime.engines import trt as trt_engine
+    from mae.weights import load_model
+
+    copy = Path(shutil.copytree(bundle.path, tmp_path / "bundle"))
+    fake = FakeRunnableTensorRT("10.3.0", load_model(bundle.source_path())[0])
+    cudart = FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_engine, "_cudart", lambda: cudart)
+    gpu = GpuInfo("Fake GPU", "9.0")  # as FakeCudart names it: the runtime checks the sidecar against it
+    monkeypatch.setattr(trt_export, "check_tensorrt_available", lambda: (fake, gpu))
+    trt_export.run_tensorrt_export(copy, copy, precision="fp32", max_batch=8)
+    for part in ("encoder", "decoder"):
+        report = load_sidecar(copy / engine_file(part, "fp32"))["verification"]
+        assert report["verified"] and report["passed"], report
+        assert report["max_abs_diff"] <= trt_export.ENGINE_TOLERANCE_FP32_ABS
+        assert report["file"] == engine_file(part, "fp32") and report["reference"] == "the bundle's fp32 ONNX graphs"
+    assert {kind for kind, _ in cudart.copies} == {1, 2}  # through device buffers, both ways
+    # A plan that computes something else is refused, and nothing is written.
+    other = MaskedAutoencoder(CONFIG).eval()
+    fake.model = other
+    for path in copy.glob("*.engine*"):
+        path.unlink()
+    before = json.loads((copy / "mae.json").read_text())
+    with pytest.raises(MAEError, match="does not match the bundle's fp32 ONNX graphs"):
+        trt_export.run_tensorrt_export(copy, copy, precision="fp32", max_batch=8)
+    assert not list(copy.glob("*.engine")) and json.loads((copy / "mae.json").read_text()) == before
 
 
 # --------------------------------------------------------------------------------- without TensorRT / GPU
@@ -378,9 +496,7 @@ def _tensorrt_or_skip():
     except ImportError:
         pytest.skip("tensorrt is not installed")
     if trt_export.gpu_info() is None:
-        pytest.skip("no CUDA GPU")
-    if not torch.cuda.is_available():
-        pytest.skip("PyTorch has no CUDA (needed to run the engines in the comparison)")
+        pytest.skip("no CUDA GPU (or no cuda-python, which runs the engines)")
     return tensorrt
 
 
@@ -391,7 +507,7 @@ def test_real_build_matches_onnx(tmp_path: Path, bundle: Bundle, precision: str)
 
     tensorrt = _tensorrt_or_skip()
     copy = Path(shutil.copytree(bundle.path, tmp_path / "bundle"))
-    grown = trt_export.run_tensorrt_export(copy, copy, precision=precision, max_batch=8, progress=False)
+    grown = trt_export.run_tensorrt_export(copy, copy, precision=precision, max_batch=8)
     gpu = trt_export.gpu_info()
     for part in ("encoder", "decoder"):
         made = load_sidecar(copy / engine_file(part, precision))
@@ -403,10 +519,9 @@ def test_real_build_matches_onnx(tmp_path: Path, bundle: Bundle, precision: str)
         with pytest.raises(MAEError, match="rebuild"):
             check_engine_compatible(made, tensorrt.__version__ + ".1", gpu.name, gpu.compute_capability)
     # Dynamic shapes inside the profile: batch 5, 2 kept tokens.
-    runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine((copy / engine_file("encoder", precision)).read_bytes())
+    engine = create_engine("trt", copy, "encoder", precision=precision)
     pixels = np.random.default_rng(0).standard_normal((5, 3, 32, 32), dtype=np.float32)
     ids_keep = np.tile(np.array([[7, 2]], dtype=np.int64), (5, 1))
-    latent = trt_export.run_engine(tensorrt, engine, {"pixel_values": pixels, "ids_keep": ids_keep})
+    latent = engine.run({"pixel_values": pixels, "ids_keep": ids_keep})["latent"]
     assert latent.shape == (5, 3, 32) and np.isfinite(latent).all()
     assert grown.manifest["engines"][precision]["encoder"]["file"] == engine_file("encoder", precision)

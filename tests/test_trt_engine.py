@@ -167,16 +167,24 @@ def read_device(pointer: int, shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 class FakeEngine:
-    """An encoder engine whose kernels are MaskedAutoencoder.forward_encoder."""
+    """An engine of graph `part` whose kernels are MaskedAutoencoder.forward_encoder (or forward_decoder)."""
 
-    def __init__(self, model: MaskedAutoencoder, ids_dtype: str, max_batch: int) -> None:
-        self.model, self.max_batch = model, max_batch
-        size, dim = model.cfg.img_size, model.cfg.embed_dim
-        self.tensors = {  # name: (is input, dtype name, shape)
-            "pixel_values": (True, "FLOAT", (-1, 3, size, size)),
-            "ids_keep": (True, ids_dtype, (-1, -1)),
-            "latent": (False, "FLOAT", (-1, -1, dim)),
-        }
+    def __init__(self, model: MaskedAutoencoder, ids_dtype: str, max_batch: int, part: str = "encoder") -> None:
+        self.model, self.max_batch, self.part = model, max_batch, part
+        cfg = model.cfg
+        size, dim, length = cfg.img_size, cfg.embed_dim, cfg.num_patches
+        if part == "encoder":
+            self.tensors = {  # name: (is input, dtype name, shape)
+                "pixel_values": (True, "FLOAT", (-1, 3, size, size)),
+                "ids_keep": (True, ids_dtype, (-1, -1)),
+                "latent": (False, "FLOAT", (-1, -1, dim)),
+            }
+        else:
+            self.tensors = {
+                "latent": (True, "FLOAT", (-1, -1, dim)),
+                "ids_restore": (True, ids_dtype, (-1, length)),
+                "pred": (False, "FLOAT", (-1, length, cfg.patch_dim)),
+            }
         self.num_io_tensors = 3
 
     def get_tensor_name(self, index):
@@ -192,9 +200,14 @@ class FakeEngine:
         return self.tensors[name][2]
 
     def get_tensor_profile_shape(self, name, profile):
-        size, length = self.model.cfg.img_size, self.model.cfg.num_patches
+        size, length, dim = self.model.cfg.img_size, self.model.cfg.num_patches, self.model.cfg.embed_dim
+        batches = (1, 4, self.max_batch)
         if name == "pixel_values":
-            return [(1, 3, size, size), (4, 3, size, size), (self.max_batch, 3, size, size)]
+            return [(batch, 3, size, size) for batch in batches]
+        if name == "latent":
+            return [(1, 2, dim), (4, 1 + length // 4, dim), (self.max_batch, 1 + length, dim)]
+        if name == "ids_restore":
+            return [(batch, length) for batch in batches]
         return [(1, 1), (4, length // 4), (self.max_batch, length)]
 
     def create_execution_context(self):
@@ -210,21 +223,28 @@ class FakeContext:
         return True
 
     def get_tensor_shape(self, name):
+        cfg = self.engine.model.cfg
+        if self.engine.part == "decoder":
+            return (self.shapes["ids_restore"][0], cfg.num_patches, cfg.patch_dim)
         batch, kept = self.shapes["ids_keep"]
-        return (batch, 1 + kept, self.engine.model.cfg.embed_dim)
+        return (batch, 1 + kept, cfg.embed_dim)
 
     def set_tensor_address(self, name, pointer):
         self.addresses[name] = pointer
+        return True  # the real one returns whether it took the address
 
     def execute_async_v3(self, stream):
         assert stream == 7
-        ids_dtype = np.int32 if self.engine.tensors["ids_keep"][1] == "INT32" else np.int64
-        pixels = read_device(self.addresses["pixel_values"], self.shapes["pixel_values"], np.float32)
-        ids = read_device(self.addresses["ids_keep"], self.shapes["ids_keep"], ids_dtype)
+        data_name, ids_name, out_name = self.engine.tensors  # inputs first, then the output
+        ids_dtype = np.int32 if self.engine.tensors[ids_name][1] == "INT32" else np.int64
+        data = read_device(self.addresses[data_name], self.shapes[data_name], np.float32)
+        ids = read_device(self.addresses[ids_name], self.shapes[ids_name], ids_dtype)
+        model = self.engine.model
+        forward = model.forward_encoder if self.engine.part == "encoder" else model.forward_decoder
         with torch.no_grad():
-            latent = self.engine.model.forward_encoder(torch.from_numpy(pixels), torch.from_numpy(ids).long())
-        out = np.ascontiguousarray(latent.numpy())
-        ctypes.memmove(self.addresses["latent"], out.ctypes.data, out.nbytes)
+            result = forward(torch.from_numpy(data), torch.from_numpy(ids).long())
+        out = np.ascontiguousarray(result.numpy())
+        ctypes.memmove(self.addresses[out_name], out.ctypes.data, out.nbytes)
         self.runs += 1
         return True
 
@@ -408,3 +428,47 @@ def test_real_engines_match_torch(tmp_path, real_photos):
         create_engine("trt", bundle.path).run({k: np.concatenate([v, v[:1]]) for k, v in inputs.items()})
     result = reconstruct(real_photos[:2], bundle.path, engine="trt")
     assert result.pred.shape == (2, 16, 192) and np.isfinite(result.metrics.psnr).all()
+
+
+def test_bindings_newer_than_the_driver_are_named_not_no_gpu(tmp_path, tiny_model, fakes, monkeypatch):
+    """cuda-python 13 on a CUDA 12 driver fails every call with cudaErrorInsufficientDriver: the user was told
+    there was no usable GPU."""
+    cudart = fakes(FakeEngine(tiny_model, "INT64", max_batch=4))
+    cudart.cudaGetDeviceCount = lambda: (35, 0)
+    cudart.cudaDriverGetVersion = lambda: (0, 12040)
+    with pytest.raises(MAEError, match="driver here supports CUDA 12.4.*needs a newer one") as info:
+        create_engine("trt", fake_bundle(tmp_path, tiny_model.cfg), "encoder", device="auto")
+    assert "mae-toolkit[tensorrt]" in info.value.hint
+
+
+def test_what_tensorrt_refuses_is_named(tmp_path, tiny_model, fakes, monkeypatch):
+    """create_execution_context -> None (out of GPU memory), set_tensor_address -> False and
+    deserialize_cuda_engine -> None were unchecked."""
+    engine = FakeEngine(tiny_model, "INT64", max_batch=4)
+    fakes(engine)
+    bundle = fake_bundle(tmp_path, tiny_model.cfg)
+    engine.create_execution_context = lambda: None
+    with pytest.raises(MAEError, match="could not create an execution context .*out of GPU memory"):
+        create_engine("trt", bundle, "encoder", device="auto")
+    del engine.create_execution_context
+    runner = create_engine("trt", bundle, "encoder", device="auto")
+    monkeypatch.setattr(FakeContext, "set_tensor_address", lambda self, name, pointer: False)
+    pixels = np.zeros((1, 3, 32, 32), np.float32)
+    with pytest.raises(MAEError, match="refused the device address of pixel_values"):
+        runner.run({"pixel_values": pixels, "ids_keep": np.arange(4)[None]})
+    fakes(None)  # deserialize_cuda_engine gives None
+    with pytest.raises(MAEError, match="cannot load"):
+        create_engine("trt", bundle, "encoder", device="auto")
+
+
+def test_the_stream_handle_of_cuda_bindings_13(monkeypatch):
+    """int(stream) is deprecated in cuda-bindings 13: get_cuda_native_handle gives the address where it exists."""
+    import types
+
+    assert trt_engine.stream_handle(1234) == 1234  # older bindings: int(stream)
+    utils = types.ModuleType("cuda.bindings.utils")
+    utils.get_cuda_native_handle = lambda stream: 4321
+    for name, module in (("cuda", types.ModuleType("cuda")), ("cuda.bindings", types.ModuleType("cuda.bindings"))):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.utils", utils)
+    assert trt_engine.stream_handle(object()) == 4321

@@ -18,6 +18,11 @@ from .errors import MAEError
 
 ENGINE_PRECISIONS = ("fp32", "fp16")  # what `mae export --format trt` builds
 SIDECAR_FORMAT = "mae-tensorrt-engine"
+# How `mae export --format trt` builds by default (the sidecar records what was used): the optimization profile's
+# largest batch and the batch it is tuned for (None: min(DEFAULT_OPT_BATCH, max batch)), the builder's workspace.
+DEFAULT_MAX_BATCH = 64
+DEFAULT_OPT_BATCH = 32  # the embed command's default batch
+DEFAULT_WORKSPACE_GIB = 4.0
 
 
 # --------------------------------------------------------------------------------------------- file names
@@ -62,11 +67,16 @@ def _capability_text(capability: Any) -> str:
     return str(capability).strip()
 
 
-def check_engine_compatible(sidecar: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: Any) -> None:
-    """Raise MAEError (saying to rebuild) unless the engine described by `sidecar` can load here.
+def check_engine_compatible(
+    sidecar: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: Any
+) -> str | None:
+    """Raise MAEError (saying to rebuild) unless the engine described by `sidecar` can load here; return a note
+    when it loads on another GPU model than the one that built it.
 
-    TensorRT engines are tied to the exact TensorRT version that built them and to the GPU: its compute
-    capability for correctness, the GPU model for the tactics chosen. Pure: no TensorRT import.
+    TensorRT's rule: the same TensorRT version, and the same compute capability (an engine built with a
+    hardware-compatibility level, recorded as `hardware_compatibility` "ampere_plus", runs on any GPU of compute
+    capability 8.0 or more). The GPU model itself need not match (an A100 40GB engine runs on an A100 80GB); its
+    tactics were timed on the builder's GPU, so speed may differ. Pure: no TensorRT import.
     """
     engine = sidecar.get("engine", "the engine")
     rebuild = f"rebuild it here: mae export BUNDLE --format trt --precision {sidecar.get('precision', 'fp32')}"
@@ -78,14 +88,36 @@ def check_engine_compatible(sidecar: dict[str, Any], trt_version: str, gpu_name:
             hint=rebuild,
         )
     built_capability = _capability_text(sidecar.get("compute_capability", "unknown"))
-    built_gpu = str(sidecar.get("gpu_name", "unknown")).strip()
+    built_gpu, here_gpu = str(sidecar.get("gpu_name", "unknown")).strip(), str(gpu_name).strip()
     here_capability = _capability_text(compute_capability)
-    if built_capability != here_capability or built_gpu != str(gpu_name).strip():
+    level = str(sidecar.get("hardware_compatibility") or "none").lower()
+    if level == "ampere_plus":
+        if _capability_number(here_capability) < 8.0:
+            raise MAEError(
+                f"{engine} was built for Ampere and newer GPUs (compute capability 8.0 or more), and this GPU is "
+                f"{here_gpu} (compute capability {here_capability}).",
+                hint=rebuild,
+            )
+    elif built_capability != here_capability:
         raise MAEError(
             f"{engine} was built for {built_gpu} (compute capability {built_capability}), and this GPU is "
-            f"{str(gpu_name).strip()} (compute capability {here_capability}): engines are specific to a GPU.",
+            f"{here_gpu} (compute capability {here_capability}): an engine only loads on the compute capability "
+            "that built it.",
             hint=rebuild,
         )
+    if built_gpu != here_gpu:
+        return (
+            f"{engine} was built on {built_gpu} and runs here on {here_gpu} (same compute capability "
+            f"{here_capability}); its kernels were timed there, so rebuilding here may be faster"
+        )
+    return None
+
+
+def _capability_number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
 
 
 def engine_file_path(manifest: dict[str, Any], bundle_dir: Path, part: str, precision: str) -> Path:
@@ -122,3 +154,13 @@ def check_engine_source(sidecar: dict[str, Any], manifest: dict[str, Any], part:
             "re-exported since): it would run the old weights.",
             hint=f"rebuild it: mae export {engine_path.parent} --format trt --precision {sidecar.get('precision')}",
         )
+
+
+def import_tensorrt() -> Any | None:
+    """The `tensorrt` module, or None where it is not installed (PyPI's stub without NVIDIA's libraries included)."""
+    import importlib
+
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError:
+        return None

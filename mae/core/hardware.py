@@ -62,6 +62,13 @@ FLAG_NAMES = {
     "sve": "SVE",
 }
 INT8_CLASSES = ("amx", "vnni", "avx512", "avx2", "baseline")
+INT8_NOTES = {  # each class in a few words, for `mae info --system`
+    "amx": "AMX-INT8 tiles, exact int32 accumulation",
+    "vnni": "VNNI dot products, exact int32 accumulation",
+    "avx512": "no VNNI: u8 x s8 pairs summed into int16 with saturation (exact for 7-bit weights)",
+    "avx2": "no VNNI: u8 x s8 pairs summed into int16 with saturation (exact for 7-bit weights)",
+    "baseline": "no int8 dot-product instructions",
+}
 
 # oneDNN (and so OpenVINO and PyTorch's CPU kernels) can be held to a lower instruction set with ONEDNN_MAX_CPU_ISA;
 # the flags each cap leaves (x86 only). Honouring it here keeps our own choices (bf16, OpenVINO's precision, the
@@ -208,8 +215,16 @@ class GpuSummary:
     compute_capability: str | None = None  # "8.9"; None where nvidia-smi -L found it
 
 
+def gpu_name(raw: bytes | str) -> str:
+    """cudaDeviceProp.name (a NUL-padded char array) as text."""
+    if isinstance(raw, bytes):
+        raw = raw.split(b"\0")[0].decode(errors="replace")
+    return str(raw).split("\0")[0].strip()
+
+
 def cudart_gpus() -> list[GpuSummary] | None:
-    """The CUDA GPUs cuda-python sees (name, compute capability); None when cuda-python is not installed.
+    """The CUDA GPUs cuda-python sees (name, compute capability), as the TensorRT engine sees them; None when
+    cuda-python is not installed.
 
     A driver that fails to initialize (or a bindings/driver mismatch) counts as no GPU.
     """
@@ -229,9 +244,8 @@ def cudart_gpus() -> list[GpuSummary] | None:
                 error, properties = cudart.cudaGetDeviceProperties(index)
                 if int(error) != 0:
                     continue
-                name = properties.name
-                name = name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)
-                gpus.append(GpuSummary(name, "cuda-python", f"{properties.major}.{properties.minor}"))
+                capability = f"{properties.major}.{properties.minor}"
+                gpus.append(GpuSummary(gpu_name(properties.name), "cuda-python", capability))
             return gpus
         except Exception:
             return []

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import inspect
 
+from mae.core.bundle import INPUT_NAMES
 from mae.core.errors import MAEError
 
-from .base import ENGINE_NAMES, INPUT_NAMES, Engine
+from .base import ENGINE_NAMES, Engine
 
 __all__ = ["Engine", "create_engine", "engine_class", "engine_options"]
 

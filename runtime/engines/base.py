@@ -11,17 +11,19 @@ Outputs are float32 numpy arrays whatever the engine's internal precision.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from mae.core import hardware
-from mae.core.bundle import PRECISIONS, Bundle, is_bundle
+from mae.core.bundle import GRAPH_PRECISIONS, INPUT_NAMES, OUTPUT_NAMES, Bundle, is_bundle, not_a_bundle_error
 from mae.core.errors import MAEError
 
+# The graphs' input and output names are the bundle's contract (mae.core.bundle); the engines take them from here.
+__all__ = ["ENGINE_NAMES", "INPUT_NAMES", "OUTPUT_NAMES", "Engine", "check_graph_precision", "check_inputs",
+           "load_bundle", "warn", "warn_int8_cpu"]  # fmt: skip
 ENGINE_NAMES = ("auto", "onnx", "trt", "torch", "openvino")
-INPUT_NAMES = {"encoder": ("pixel_values", "ids_keep"), "decoder": ("latent", "ids_restore")}
-OUTPUT_NAMES = {"encoder": ("latent",), "decoder": ("pred",)}
 
 
 @runtime_checkable
@@ -96,9 +98,9 @@ def warn_int8_cpu(bundle: object, engine: str) -> None:
 def check_graph_precision(precision: str, engine: str) -> None:
     """Bundles hold fp32, fp16 and int8 graphs; say where bf16 lives instead of "no bf16 graph"."""
 
-    if precision not in PRECISIONS:
+    if precision not in GRAPH_PRECISIONS:
         raise MAEError(
-            f"The {engine} engine runs the bundle's {', '.join(PRECISIONS)} graphs, not {precision}.",
+            f"The {engine} engine runs the bundle's {', '.join(GRAPH_PRECISIONS)} graphs, not {precision}.",
             hint="bf16 is the torch engine's (--engine torch --precision bf16); OpenVINO computes in bf16 by itself"
             " on CPUs that have it",
         )
@@ -106,14 +108,9 @@ def check_graph_precision(precision: str, engine: str) -> None:
 
 def load_bundle(model: object, engine: str):  # noqa: ANN201 - returns mae.core.bundle.Bundle
     """The bundle `model` points at, or an MAEError that says weights need exporting (or the torch engine)."""
-    from pathlib import Path
-
     path = Path(str(model))
     if not path.exists():
         raise MAEError(f"{path} does not exist.", hint="pass a bundle directory made by `mae export`")
     if not is_bundle(path):
-        raise MAEError(
-            f"The {engine} engine runs an exported bundle, and {path} is not one (no mae.json).",
-            hint=f"export it first (`mae export {path} --out BUNDLE`) or run the weights with --engine torch",
-        )
+        raise not_a_bundle_error(path, engine)
     return Bundle.load(path)

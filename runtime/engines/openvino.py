@@ -4,7 +4,7 @@ Inference precision follows the hardware: bf16 where the CPU has bf16 instructio
 f32, decided by `mae.core.hardware` and set explicitly (OpenVINO's own choice ignores ONEDNN_MAX_CPU_ISA and then
 fails to compile for a capped ISA). Asking for bf16 on a CPU without it is refused: it would be emulated.
 
-For throughput (see ANCHORS.md) each distinct input shape gets its own statically shaped compiled model (cached),
+For throughput, each distinct input shape gets its own statically shaped compiled model (cached),
 compiled with the THROUGHPUT hint, and `run` splits the batch across `num_requests` infer requests that run
 concurrently on the streams OpenVINO made: with a single synchronous request in flight it would use half the cores.
 """

@@ -13,24 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from mae.core import hardware
-from mae.core.bundle import Bundle, is_bundle
+from mae.core.bundle import OUTPUT_NAMES, Bundle, is_bundle, no_decoder_error
 from mae.core.errors import MAEError
 from mae.core.integrity import verify_source
 
-from .base import OUTPUT_NAMES, check_inputs
+from .base import check_inputs
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def resolve_device(torch, device: str) -> str:  # noqa: ANN001 - the torch module
-    """ "auto" -> cuda when available; an explicit cuda without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MAEError("--device cuda was asked for, but PyTorch sees no CUDA GPU.", hint="use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise MAEError(f"Unknown torch device {device!r}", hint="use cpu, cuda, cuda:N or auto")
-    return device
 
 
 def bundle_source(model: object, fresh: bool = False) -> Path | None:
@@ -38,13 +27,7 @@ def bundle_source(model: object, fresh: bool = False) -> Path | None:
     if not is_bundle(Path(str(model))):
         return None
     bundle = Bundle.load(Path(str(model)))
-    source_path = bundle.source_path()
-    if source_path is None:
-        raise MAEError(
-            f"The torch engine needs the weights that bundle {bundle.path} was exported from, and they are not at "
-            f"{bundle.recorded_source or '(no source recorded)'}.",
-            hint="pass the weights file itself with --model",
-        )
+    source_path = bundle.source_weights("The torch engine", hint="pass the weights file itself with --model")
     verify_source(bundle.path, bundle.manifest, source_path, fresh=fresh)
     return source_path
 
@@ -109,6 +92,8 @@ class TorchEngine:
             import torch
         except ImportError as exc:
             raise MAEError("The torch engine needs PyTorch.", hint="pip install torch (https://pytorch.org)") from exc
+        # the torch side, imported only once the engine is created (mae.runtime stays torch-free at import)
+        from mae.distributed import resolve_device
         from mae.model import MaskedAutoencoder
 
         self.torch = torch
@@ -116,7 +101,7 @@ class TorchEngine:
         self.precision = precision
         if precision not in DTYPES:
             raise MAEError(f"The torch engine runs fp32, bf16 or fp16, not {precision!r}.")
-        self.device = resolve_device(torch, device)
+        self.device = str(resolve_device(device))  # cpu, cuda or cuda:N
         if precision == "fp16" and not self.device.startswith("cuda"):
             raise MAEError(
                 "fp16 in the torch engine needs CUDA.",
@@ -140,10 +125,7 @@ class TorchEngine:
             network, _ = load_weights(path)
             source = path.name
         if part == "decoder" and not network.has_decoder:
-            raise MAEError(
-                f"{source} has no decoder: reconstruction needs the full (decoder) weights.",
-                hint="use weights that include the decoder (e.g. mae_visualize_vit_*.pth or a `mae train` checkpoint)",
-            )
+            raise no_decoder_error(source)
         self.network = network.eval().to(device=self.device, dtype=self.dtype)
         self.config = network.cfg
         threads = f", {torch.get_num_threads()} threads" if self.device == "cpu" else ""

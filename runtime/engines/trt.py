@@ -13,16 +13,19 @@ from typing import Any
 
 import numpy as np
 
+from mae.core.bundle import Bundle
 from mae.core.engine_files import (
     check_engine_compatible,
     check_engine_source,
     engine_file_path,
+    import_tensorrt,
     load_sidecar,
 )
 from mae.core.errors import MAEError
+from mae.core.hardware import gpu_name
 from mae.core.integrity import verify_file
 
-from .base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle
+from .base import INPUT_NAMES, OUTPUT_NAMES, check_inputs, load_bundle, warn
 
 EXTRA = "tensorrt"
 # TensorRT DataType names -> numpy dtypes for host buffers. BF16 / FP8 / INT4 I/O have no numpy type.
@@ -57,13 +60,6 @@ def parse_cuda_device(device: str | int | None) -> int:
     if device.startswith("cuda:") and device[5:].isdigit():
         return int(device[5:])
     raise MAEError(f"The trt engine runs on a CUDA GPU, not {device!r}.", hint="use --device cuda or cuda:N")
-
-
-def gpu_name(raw: bytes | str) -> str:
-    """cudaDeviceProp.name (a NUL-padded char array) as text."""
-    if isinstance(raw, bytes):
-        raw = raw.split(b"\0")[0].decode(errors="replace")
-    return str(raw).split("\0")[0].strip()
 
 
 def check_profile(spec: TensorSpec, shape: tuple[int, ...]) -> None:
@@ -127,13 +123,9 @@ def _cudart():  # noqa: ANN202 - the cuda-python runtime module
 def _require_tensorrt_and_gpu(device_index: int) -> tuple[Any, Any]:
     """(tensorrt, cuda-python runtime) with CUDA GPU `device_index` usable, or one MAEError naming all that is
     missing: the packages, the GPU."""
-    import importlib
-
     missing = []
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError:
-        trt = None
+    trt = import_tensorrt()
+    if trt is None:
         missing.append("the Python package 'tensorrt'")
     try:
         cudart = _cudart()
@@ -141,8 +133,10 @@ def _require_tensorrt_and_gpu(device_index: int) -> tuple[Any, Any]:
         cudart = None
         missing.append("the Python package 'cuda-python'")
     if cudart is not None:
-        count = cudart.cudaGetDeviceCount()
-        if count[0] != cudart.cudaError_t.cudaSuccess or count[1] <= device_index:
+        error, count = cudart.cudaGetDeviceCount()
+        if int(error) == CUDA_ERROR_INSUFFICIENT_DRIVER:
+            raise _driver_too_old(cudart)
+        if int(error) != int(cudart.cudaError_t.cudaSuccess) or count <= device_index:
             missing.append(f"CUDA GPU {device_index} (the driver reports no usable GPU)")
     if missing:
         raise MAEError(
@@ -151,6 +145,45 @@ def _require_tensorrt_and_gpu(device_index: int) -> tuple[Any, Any]:
             "engines there (mae export BUNDLE --format trt); on this machine use --engine auto or onnx",
         )
     return trt, cudart
+
+
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the bindings' CUDA is newer than the driver
+
+
+def _driver_too_old(cudart) -> MAEError:  # noqa: ANN001 - the cuda-python runtime module
+    """cuda-python built for a newer CUDA than the driver supports fails every call: say exactly that."""
+    try:
+        from importlib.metadata import version
+
+        bindings = version("cuda-python")
+    except Exception:  # metadata missing (a source install): the major is still in the error below
+        bindings = "?"
+    try:
+        error, driver = cudart.cudaDriverGetVersion()
+        driver_text = f"CUDA {driver // 1000}.{driver % 1000 // 10}" if int(error) == 0 and driver else "older"
+    except Exception:  # the call itself may be what fails on such a driver
+        driver_text = "older"
+    return MAEError(
+        f"The CUDA driver here supports {driver_text}, and the installed cuda-python {bindings} needs a newer one "
+        "(cuda-python 13 needs a CUDA 13 driver): every CUDA call fails with cudaErrorInsufficientDriver.",
+        hint="install the bindings of the driver's CUDA major: pip install 'mae-toolkit[tensorrt]' (CUDA 12: "
+        "cuda-python 12, runs on CUDA 12 and 13 drivers), or update the NVIDIA driver",
+    )
+
+
+def stream_handle(stream: Any) -> int:
+    """The CUDA stream's address for execute_async_v3: `get_cuda_native_handle` in cuda-bindings 13 (where
+    `int(stream)` is deprecated), `int(stream)` before it."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle  # cuda-bindings >= 12.9 / 13
+    except ImportError:
+        return int(stream)
+    return int(get_cuda_native_handle(stream))
+
+
+def _set_address(context: Any, name: str, pointer: int) -> None:
+    if context.set_tensor_address(name, pointer) is False:
+        raise MAEError(f"TensorRT refused the device address of {name} (set_tensor_address returned False).")
 
 
 def _check(cudart, result: tuple) -> Any:  # noqa: ANN001
@@ -183,44 +216,78 @@ class _DeviceBuffer:
 
 # ------------------------------------------------------------------------------------------------ engine
 class TensorRTEngine:
-    """One graph of a bundle as a native TensorRT engine on CUDA device `device`."""
+    """One graph of a bundle as a native TensorRT engine on CUDA device `device`, on a stream of its own."""
 
     name = "trt"
 
     def __init__(self, model: object, part: str = "encoder", precision: str = "fp32", device: str = "auto") -> None:
-        self.part = part
-        self.precision = precision
-        self.bundle = load_bundle(model, "trt")
-        self.config = self.bundle.config
-        self.device_index = parse_cuda_device(device)
+        bundle = load_bundle(model, "trt")
+        device_index = parse_cuda_device(device)
         # What this machine lacks comes first: how to build an engine is no help where none can be built.
-        trt, cudart = _require_tensorrt_and_gpu(self.device_index)
-        engine_path = engine_file_path(self.bundle.manifest, self.bundle.path, part, precision)
+        trt, cudart = _require_tensorrt_and_gpu(device_index)
+        engine_path = engine_file_path(bundle.manifest, bundle.path, part, precision)
         sidecar = load_sidecar(engine_path)
-        check_engine_source(sidecar, self.bundle.manifest, part, engine_path)
-        verify_file(engine_path, sidecar.get("sha256"), self.bundle.path)  # the plan file that was built and checked
-        self.cudart = cudart
-        _check(cudart, cudart.cudaSetDevice(self.device_index))
+        check_engine_source(sidecar, bundle.manifest, part, engine_path)
+        verify_file(engine_path, sidecar.get("sha256"), bundle.path)  # the plan file that was built and checked
+        self._start(
+            trt, cudart, bundle, part, precision, device_index, engine_path.read_bytes(), sidecar, engine_path.name
+        )
 
-        props = _check(cudart, cudart.cudaGetDeviceProperties(self.device_index))
+    @classmethod
+    def from_plan(
+        cls, bundle: Bundle, part: str, precision: str, plan: bytes, sidecar: dict[str, Any], device: str = "auto"
+    ) -> TensorRTEngine:
+        """An engine that is not in the bundle yet: `plan` (the serialized engine) with the sidecar it will get.
+        The export runs its freshly built engines through this before it writes them."""
+        engine = cls.__new__(cls)
+        device_index = parse_cuda_device(device)
+        trt, cudart = _require_tensorrt_and_gpu(device_index)
+        engine._start(trt, cudart, bundle, part, precision, device_index, plan, sidecar, sidecar["engine"])
+        return engine
+
+    def _start(
+        self,
+        trt: Any,
+        cudart: Any,
+        bundle: Bundle,
+        part: str,
+        precision: str,
+        device_index: int,
+        plan: bytes,
+        sidecar: dict[str, Any],
+        file_name: str,
+    ) -> None:
+        """Deserialize `plan` (the engine file `file_name` of the bundle) on the GPU once its sidecar says it was
+        built here, check it is an MAE `part` engine, and make its context, stream and buffers."""
+        self.part, self.precision, self.bundle, self.config = part, precision, bundle, bundle.config
+        self.device_index, self.cudart = device_index, cudart
+        _check(cudart, cudart.cudaSetDevice(device_index))
+        props = _check(cudart, cudart.cudaGetDeviceProperties(device_index))
         gpu = gpu_name(props.name)
         # Engines load only on the TensorRT version and GPU that built them: say so, with the command to rebuild.
-        check_engine_compatible(sidecar, trt.__version__, gpu, f"{props.major}.{props.minor}")
+        self.note = check_engine_compatible(sidecar, trt.__version__, gpu, f"{props.major}.{props.minor}")
+        if self.note:
+            warn(self.note)
 
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise MAEError(
-                f"TensorRT {trt.__version__} cannot load {engine_path} (another TensorRT or GPU built it?)",
-                hint=f"rebuild it here: mae export {self.bundle.path} --format trt --precision {precision}",
+                f"TensorRT {trt.__version__} cannot load {bundle.path / file_name} (another TensorRT or GPU built it?)",
+                hint=f"rebuild it here: mae export {bundle.path} --format trt --precision {precision}",
             )
         self.specs = self._tensor_specs(trt)
-        check_io(self.specs, part, engine_path)
+        check_io(self.specs, part, bundle.path / file_name)
         self.context = self.engine.create_execution_context()
-        self.stream = _check(cudart, cudart.cudaStreamCreate())
+        if self.context is None:
+            raise MAEError(
+                f"TensorRT could not create an execution context for {file_name} (out of GPU memory?).",
+                hint="free GPU memory (other processes, a smaller --max-batch engine), or use another GPU",
+            )
+        self.stream = _check(cudart, cudart.cudaStreamCreate())  # a stream of its own, not the default one
         self.buffers = {name: _DeviceBuffer(cudart) for name in self.specs}
-        self.description = f"tensorrt {trt.__version__} {gpu} {precision} ({engine_path.name})"
+        self.description = f"tensorrt {trt.__version__} {gpu} {precision} ({file_name})"
 
     def _tensor_specs(self, trt) -> dict[str, TensorSpec]:  # noqa: ANN001
         specs = {}
@@ -252,7 +319,7 @@ class TensorRTEngine:
             _check(cudart, cudart.cudaMemcpyAsync(pointer, host.ctypes.data, host.nbytes, to_device, self.stream))
             if not self.context.set_input_shape(name, host.shape):
                 raise MAEError(f"TensorRT refused the shape {list(host.shape)} for {name}")
-            self.context.set_tensor_address(name, pointer)
+            _set_address(self.context, name, pointer)
 
         outputs = {}
         for name, spec in self.specs.items():
@@ -262,8 +329,8 @@ class TensorRTEngine:
             if any(size < 0 for size in shape):
                 raise MAEError(f"TensorRT could not infer the shape of {name} ({list(shape)})")
             outputs[name] = np.empty(shape, dtype=NUMPY_DTYPES[spec.dtype])
-            self.context.set_tensor_address(name, self.buffers[name].ensure(outputs[name].nbytes))
-        if not self.context.execute_async_v3(int(self.stream)):
+            _set_address(self.context, name, self.buffers[name].ensure(outputs[name].nbytes))
+        if not self.context.execute_async_v3(stream_handle(self.stream)):
             raise MAEError("TensorRT failed to run the engine (see the TensorRT log above).")
         to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, host in outputs.items():
