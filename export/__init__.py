@@ -6,7 +6,6 @@ exporter (and torch) when called.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,23 +44,6 @@ def resolve_format(name: str) -> FormatSpec:
             return entry
     names = ", ".join(entry.name for entry in EXPORT_FORMATS)
     raise MAEError(f"Unknown export format {name!r}", hint=f"use one of: {names} (trt is short for tensorrt)")
-
-
-def export_bundle(
-    weights: Any,
-    out_dir: str | os.PathLike,
-    precisions: Any = ("fp32",),
-    opset: int | None = None,
-    num_heads: int | None = None,
-    decoder_num_heads: int | None = None,
-    verify: bool = True,
-    resize: str | None = None,
-    **options: Any,
-) -> Bundle:
-    """Export weights to a verified ONNX bundle; see `mae.export.onnx_bundle.export_bundle`."""
-    from .onnx_bundle import export_bundle as _export_bundle  # torch and the exporter: `import mae.export` stays light
-
-    return _export_bundle(weights, out_dir, precisions, opset, num_heads, decoder_num_heads, verify, resize, **options)
 
 
 def default_out_dir(weights: Path) -> Path:
@@ -111,7 +93,7 @@ def run_export(
 
     # Loaded when an export runs (onnx_bundle imports torch): `import mae.export` stays light.
     from .calibration import DEFAULT_COUNT
-    from .onnx_bundle import Int8Options  # (as above)
+    from .onnx_bundle import Int8Options, export_bundle  # (as above)
 
     return export_bundle(
         weights,
@@ -166,3 +148,13 @@ def _check_options(
 
 
 __all__ = ["EXPORT_FORMATS", "FormatSpec", "default_out_dir", "export_bundle", "resolve_format", "run_export"]
+
+
+def __getattr__(name: str) -> Any:
+    """`mae.export.export_bundle` (module `onnx_bundle`) is loaded when first used: it imports torch and the
+    exporter, and `import mae.export` stays light (PEP 562)."""
+    if name == "export_bundle":
+        from .onnx_bundle import export_bundle  # torch and the exporter: only when an export runs
+
+        return export_bundle
+    raise AttributeError(f"module 'mae.export' has no attribute {name!r}")

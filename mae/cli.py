@@ -23,54 +23,20 @@ app = typer.Typer(
 )
 
 
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A string Enum of an option's choices (Typer lists and checks them); "cls+mean" is the member cls_mean."""
+    return Enum(name, {value.replace("+", "_"): value for value in values}, type=str)
 
 
-class ExportPrecision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-
-
-class ExportFormat(str, Enum):
-    onnx = "onnx"
-    trt = "trt"
-    tensorrt = "tensorrt"
-
-
-class EngineName(str, Enum):
-    auto = "auto"
-    onnx = "onnx"
-    trt = "trt"
-    torch = "torch"
-    openvino = "openvino"
-
-
-class Provider(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    tensorrt = "tensorrt"
-
-
-class Resize(str, Enum):
-    center = "center"
-    squash = "squash"
-
-
-class Pool(str, Enum):
-    cls = "cls"
-    mean = "mean"
-    cls_mean = "cls+mean"
-    tokens = "tokens"
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
+# The library checks these again (and names them in its own errors); here they make `--help` list the choices.
+Precision = choices("Precision", ("fp32", "bf16", "fp16"))  # training autocast, the torch engine
+ExportPrecision = choices("ExportPrecision", ("fp32", "fp16", "int8"))  # graphs in a bundle
+ExportFormat = choices("ExportFormat", ("onnx", "trt", "tensorrt"))
+EngineName = choices("EngineName", ("auto", "onnx", "trt", "torch", "openvino"))
+Provider = choices("Provider", ("auto", "cpu", "cuda", "tensorrt"))  # ONNX Runtime execution providers
+Resize = choices("Resize", ("center", "squash"))
+Pool = choices("Pool", ("cls", "mean", "cls+mean", "tokens"))
+DType = choices("DType", ("float32", "float16"))
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -122,7 +88,7 @@ def train(
 
     Multi-GPU / multi-node: torchrun --nproc_per_node N -m mae.cli train ... (rank 0 writes).
     """
-    options = dict(locals(), precision=precision.value)  # before the imports below add names to locals()
+    options = plain(locals())  # before the imports below add names to locals()
     from .reports.train import RichTrainReporter
     from .train import TrainOptions, run_training
 
@@ -156,7 +122,7 @@ def export(
     ] = None,
 ) -> None:
     """Export weights to a verified ONNX bundle, or build TensorRT engines from it."""
-    options = dict(locals(), format=format.value, precision=precision.value)  # before the imports add names
+    options = plain(locals())  # before the imports add names
     from mae.export import resolve_format, run_export
 
     from .reports.export import ExportSpinner, print_export_summary
@@ -195,23 +161,10 @@ def reconstruct(
     ] = False,
 ) -> None:
     """Reconstruct masked images: original | masked | reconstruction | reconstruction + visible."""
+    options = plain(locals())  # before the import adds a name
     from .reports.reconstruct import run_reconstruct
 
-    run_reconstruct(
-        images,
-        model,
-        engine=engine.value,
-        provider=provider.value,
-        precision=precision,
-        mask_ratio=mask_ratio,
-        seed=seed,
-        noise=noise,
-        resize=resize.value,
-        out=out,
-        save_arrays=save_arrays,
-        device=device,
-        allow_emulated_bf16=allow_emulated_bf16,
-    )
+    run_reconstruct(**options)
 
 
 # -------------------------------------------------------------------------------------------------- embed
@@ -248,25 +201,10 @@ def embed(
     Files that cannot be embedded are listed with their reason in OUT/failures/. Run the same command again to
     resume after an interruption; run it with --shard I/N on N machines to split the work.
     """
+    options = plain(locals())  # before the import adds a name
     from .reports.embed import run_embed
 
-    run_embed(
-        input=input,
-        model=model,
-        out=out,
-        engine=engine.value,
-        provider=provider.value,
-        precision=precision.value if precision is not None else None,
-        pool=pool.value,
-        batch_size=batch_size,
-        workers=workers,
-        resize=resize.value if resize is not None else None,
-        dtype=dtype.value,
-        l2_normalize=l2_normalize,
-        shard=shard,
-        shard_size=shard_size,
-        strict=strict,
-    )
+    run_embed(**options)
 
 
 # -------------------------------------------------------------------------------------------------- bench
@@ -375,6 +313,11 @@ def main() -> None:
             raise
         show_usage_error(exc)
         sys.exit(exc.exit_code)
+
+
+def plain(options: dict[str, object]) -> dict[str, object]:
+    """A command's options for the library: Typer's enums as their plain string values."""
+    return {name: value.value if isinstance(value, Enum) else value for name, value in options.items()}
 
 
 def show_error(exc: MAEError) -> None:

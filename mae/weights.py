@@ -15,6 +15,7 @@ Pickled files are read with `torch.load(weights_only=True)` only (see `mae.check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -124,16 +125,7 @@ def resize_weights(loaded: LoadedWeights, img_size: int) -> LoadedWeights:
         f"position embeddings resized from {old.img_size} px ({old.grid_size}x{old.grid_size} patches) to "
         f"{img_size} px ({new_config.grid_size}x{new_config.grid_size}) by bicubic interpolation"
     )
-    return LoadedWeights(
-        config=new_config,
-        state_dict=state,
-        source_format=loaded.source_format,
-        has_decoder=loaded.has_decoder,
-        path=loaded.path,
-        sha256=loaded.sha256,
-        norm_pix_loss_known=loaded.norm_pix_loss_known,
-        notes=[*loaded.notes, note],
-    )
+    return dataclasses.replace(loaded, config=new_config, state_dict=state, notes=[*loaded.notes, note])
 
 
 # --------------------------------------------------------------------------------------------------- file formats

@@ -440,17 +440,20 @@ class _Embedder:
             embeddings = np.zeros((0, *self.row_shape), dtype=self.dtype)
         return FileRows(np.ascontiguousarray(embeddings), state.metadata, state.failures)
 
-    def _record_failure(self, state: _FileState, index: int, reason: str, message: str) -> None:
-        row = {
+    def _row(self, index: int, error: str | None, size: tuple[int, int] | tuple[None, None]) -> dict[str, Any]:
+        """The metadata columns of input `index`: status "ok" with its size, or "error" with the reason."""
+        return {
             "path": _text(self.inputs.paths[index]),
             "key": _text(self.inputs.keys[index]),
             "index": index,
-            "status": "error",
-            "error": reason,
-            "width": None,
-            "height": None,
-            "message": _text(message),
+            "status": "error" if error else "ok",
+            "error": error,
+            "width": size[0],
+            "height": size[1],
         }
+
+    def _record_failure(self, state: _FileState, index: int, reason: str, message: str) -> None:
+        row = {**self._row(index, reason, (None, None)), "message": _text(message)}
         for name in FAILURE_COLUMNS:
             state.failures[name].append(row[name])
         self.stats.failed += 1
@@ -492,16 +495,8 @@ class _Embedder:
         if self.l2:
             vectors = l2_normalize(vectors)
         state.embeddings.append(vectors.astype(self.dtype))
-        for index, (width, height) in rows:
-            values = {
-                "path": _text(self.inputs.paths[index]),
-                "key": _text(self.inputs.keys[index]),
-                "index": index,
-                "status": "ok",
-                "error": None,
-                "width": width,
-                "height": height,
-            }
+        for index, size in rows:
+            values = self._row(index, None, size)
             for name in METADATA_COLUMNS:
                 state.metadata[name].append(values[name])
         self.stats.embedded += real

@@ -37,24 +37,15 @@ from .errors import MAEError
 
 # errno -> (cause, remedy). The remedy says what to do; the path is named by the message itself.
 _CAUSES: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: (
-        "no space left on the device",
-        "free space there (or write elsewhere), then run the same command again",
-    ),
-    errno.EDQUOT: (
-        "the disk quota is exhausted",
-        "free space within your quota (or write elsewhere), then run it again",
-    ),
+    errno.ENOSPC: ("no space left on the device", "free space there (or write elsewhere), then run the same again"),
+    errno.EDQUOT: ("the disk quota is exhausted", "free space within your quota (or write elsewhere), then rerun"),
     errno.EROFS: ("the file system is read-only", "choose a writable location"),
     errno.EACCES: ("permission denied", "choose a location you may write to, or fix its permissions"),
     errno.EPERM: ("the operation is not permitted", "choose a location you may write to, or fix its permissions"),
     errno.ENOTDIR: ("a file stands where a folder is needed", "remove or rename that file, or choose another path"),
     errno.EEXIST: ("a file stands where a folder is needed", "remove or rename that file, or choose another path"),
     errno.EISDIR: ("a folder stands where a file is needed", "remove or rename that folder, or choose another path"),
-    errno.EIO: (
-        "an input/output error (a failing disk or a lost network mount)",
-        "check the device, then run it again",
-    ),
+    errno.EIO: ("an input/output error (a failing disk, a lost network mount)", "check the device, then rerun"),
     errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter path"),
     errno.ENOENT: ("it does not exist (or a folder on its path does not)", "check the path"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or use fewer workers"),

@@ -30,7 +30,7 @@ import os
 import struct
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,14 +62,8 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "resize": self.resize,
-            "crop_pct": self.crop_pct,
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+        """As mae.json and run.json record it (lists, not tuples: what JSON reads back)."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "pre-processing settings", hint: str | None = None) -> Preprocessing:

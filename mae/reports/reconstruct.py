@@ -41,34 +41,13 @@ class BatchBar:
 def run_reconstruct(
     images: Sequence[Path],
     model: str,
-    engine: str = "auto",
-    provider: str = "auto",
-    precision: str | None = None,
-    mask_ratio: float = 0.75,
-    seed: int | None = 0,
-    noise: Path | None = None,
-    resize: str = "center",
     out: Path = Path("reconstructions"),
     save_arrays: Path | None = None,
-    device: str = "auto",
-    allow_emulated_bf16: bool = False,
+    **options: Any,
 ) -> ReconstructionResult:
-    """`mae reconstruct` (options as plain strings): write the 4-panel pictures (and arrays), print PSNR / MSE on
-    the removed patches."""
-    result = reconstruct(
-        [Path(p) for p in images],
-        model,
-        engine=engine,
-        mask_ratio=mask_ratio,
-        seed=seed,
-        noise=noise,
-        resize=resize,
-        precision=precision,
-        provider=provider,
-        device=device,
-        progress=BatchBar(),
-        allow_emulated_bf16=allow_emulated_bf16,
-    )
+    """`mae reconstruct`: `mae.runtime.reconstruct.reconstruct` with `options` (plain strings), then the 4-panel
+    pictures (and arrays) written and PSNR / MSE on the removed patches printed."""
+    result = reconstruct([Path(p) for p in images], model, progress=BatchBar(), **options)
     out = Path(out)
     arrays = Path(save_arrays) if save_arrays is not None else None
     saved = save_pictures(result, out, arrays)
