@@ -38,6 +38,13 @@ Resize = choices("Resize", ("center", "squash"))
 Pool = choices("Pool", ("cls", "mean", "cls+mean", "tokens"))
 DType = choices("DType", ("float32", "float16"))
 
+# Options that reconstruct and embed share.
+ModelOption = Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")]
+EngineOption = Annotated[
+    EngineName, typer.Option(help="auto: the fastest accurate engine for this machine (it says which and why).")
+]
+ProviderOption = Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")]
+
 
 # --------------------------------------------------------------------------------------------------- train
 @app.command()
@@ -136,11 +143,9 @@ def export(
 @app.command()
 def reconstruct(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    model: Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")],
-    engine: Annotated[
-        EngineName, typer.Option(help="auto: the fastest accurate engine for this machine (it says which and why).")
-    ] = EngineName.auto,
-    provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.auto,
+    model: ModelOption,
+    engine: EngineOption = EngineName.auto,
+    provider: ProviderOption = Provider.auto,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -171,12 +176,10 @@ def reconstruct(
 @app.command()
 def embed(
     input: Annotated[str, typer.Argument(help="Folder (recursive), text file of paths, or a glob.")],
-    model: Annotated[str, typer.Option(help="Bundle directory, or weights (torch engine).")],
+    model: ModelOption,
     out: Annotated[Path, typer.Option(help="Output folder (embeddings/, metadata/, failures/, summary.json).")],
-    engine: Annotated[
-        EngineName, typer.Option(help="auto: the fastest accurate engine for this machine (it says which and why).")
-    ] = EngineName.auto,
-    provider: Annotated[Provider, typer.Option(help="ONNX Runtime execution provider.")] = Provider.auto,
+    engine: EngineOption = EngineName.auto,
+    provider: ProviderOption = Provider.auto,
     precision: Annotated[
         ExportPrecision | None, typer.Option(help="Bundle graph (default: auto's choice, else fp32).")
     ] = None,

@@ -315,13 +315,13 @@ def noise_from_ids_keep(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def pool(tokens: torch.Tensor, kind: PoolKind = "cls") -> torch.Tensor:
-    if kind == "cls":
-        return tokens[:, 0]
-    if kind == "mean":
-        return tokens[:, 1:].mean(dim=1)
-    if kind == "cls+mean":
-        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
-    raise MAEError(f"Unknown pooling {kind!r}", hint="use cls, mean or cls+mean")
+    """[B, 1+L, D] -> [B, D] (cls; mean of the patch tokens) or [B, 2D] (cls+mean), as the runtime's numpy
+    `mae.core.numerics.pool_tokens`."""
+    pieces = {"cls": ("cls",), "mean": ("mean",), "cls+mean": ("cls", "mean")}.get(kind)
+    if pieces is None:
+        raise MAEError(f"Unknown pooling {kind!r}", hint="use cls, mean or cls+mean")
+    pooled = {"cls": lambda: tokens[:, 0], "mean": lambda: tokens[:, 1:].mean(dim=1)}
+    return torch.cat([pooled[piece]() for piece in pieces], dim=-1)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

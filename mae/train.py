@@ -66,7 +66,7 @@ from .core.files import (
 )
 from .core.masking import masking_from_noise, random_noise
 from .core.preprocess import Preprocessing
-from .core.visualize import build_panels, masked_metrics, panels_picture
+from .core.visualize import PixelSpace, build_panels, masked_metrics, panels_picture
 from .data import (
     Batch,
     PretrainDataset,
@@ -1060,9 +1060,9 @@ class _Trainer:
         noise = random_noise(len(used), self.config.num_patches, seed=PREVIEW_SEED)  # [N, L]
         masking = masking_from_noise(noise, self.opts.mask_ratio)
         pred = self._predict(pixel_values, masking.ids_keep, masking.ids_restore)  # [N, L, p*p*3]
-        visual = (self.config.patch_size, pre.mean, pre.std, self.config.norm_pix_loss)
-        panels = build_panels(pixel_values, pred, masking.mask, *visual)
-        metrics = masked_metrics(pixel_values, pred, masking.mask, *visual, panels=panels)
+        space = PixelSpace(self.config.patch_size, pre.mean, pre.std, self.config.norm_pix_loss)
+        panels = build_panels(pixel_values, pred, masking.mask, space)
+        metrics = masked_metrics(pixel_values, pred, masking.mask, space, panels=panels)
         origin = "held out" if self.previews_held_out else "trained on"
         labels = [
             f"epoch {self.epoch} · {path.name} ({origin}) · loss {loss:.4f} · PSNR {psnr:.1f} dB"

@@ -27,6 +27,7 @@ from mae.core.visualize import (
     NORM_PIX_NOTE,
     MaskedMetrics,
     Panels,
+    PixelSpace,
     build_panels,
     masked_metrics,
     panels_picture,
@@ -343,9 +344,9 @@ def _result(
 ) -> ReconstructionResult:
     """The pictures and metrics of the reconstructed images, with everything they were made from."""
     cfg, pre, masking = resolved.config, resolved.preprocessing, images.masking
-    visual = (cfg.patch_size, pre.mean, pre.std, resolved.norm_pix_loss)
-    panels = build_panels(images.pixel_values, pred, masking.mask, *visual)
-    metrics = masked_metrics(images.pixel_values, pred, masking.mask, *visual, panels=panels)
+    space = PixelSpace(cfg.patch_size, pre.mean, pre.std, resolved.norm_pix_loss)
+    panels = build_panels(images.pixel_values, pred, masking.mask, space)
+    metrics = masked_metrics(images.pixel_values, pred, masking.mask, space, panels=panels)
     return ReconstructionResult(
         names=images.names,
         original_sizes=images.sizes,

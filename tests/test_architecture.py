@@ -224,3 +224,16 @@ def test_the_layout_section_and_the_architecture_notes_name_every_part():
             if MODULES[module].name == "__init__.py":
                 continue
             assert relative in text, f"docs/ARCHITECTURE.md does not place {relative}"
+
+
+def test_no_library_function_is_over_80_lines():
+    """Functions of the library (mae/, export/, runtime/; the CLI's commands are declarations) split along their
+    stages: from the def line to the last line, docstring included, at most 80 lines."""
+    long = []
+    for module, path in MODULES.items():
+        if module == "mae.cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, "functions over 80 lines:\n  " + "\n  ".join(long)

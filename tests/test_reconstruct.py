@@ -17,6 +17,7 @@ from mae.core.errors import MAEError
 from mae.core.masking import masking_from_noise, random_noise
 from mae.core.visualize import (
     NORM_PIX_NOTE,
+    PixelSpace,
     build_panels,
     masked_metrics,
     reconstruction_panels,
@@ -68,7 +69,7 @@ def model_outputs(norm_pix_loss: bool, seed: int = 0):
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_masked_loss_is_the_models_loss(norm_pix_loss):
     pixel_values, out = model_outputs(norm_pix_loss)
-    metrics = masked_metrics(pixel_values, out.pred.numpy(), out.mask.numpy(), 8, MEAN, STD, norm_pix_loss)
+    metrics = masked_metrics(pixel_values, out.pred.numpy(), out.mask.numpy(), PixelSpace(8, MEAN, STD, norm_pix_loss))
     assert metrics.loss.shape == (3,)
     np.testing.assert_allclose(metrics.loss.mean(), out.loss.item(), rtol=1e-6)
 
@@ -90,7 +91,9 @@ def test_panels_follow_the_original_demo():
     }
     shown = {k: torch.clip(v * std + mean, 0, 1).numpy() for k, v in shown.items()}
 
-    panels = build_panels(pixel_values, out.pred.numpy(), out.mask.numpy(), 8, MEAN, STD, norm_pix_loss=False)
+    panels = build_panels(
+        pixel_values, out.pred.numpy(), out.mask.numpy(), PixelSpace(8, MEAN, STD, norm_pix_loss=False)
+    )
     for name in ("original", "reconstruction", "reconstruction_visible"):
         np.testing.assert_allclose(getattr(panels, name), shown[name], atol=1e-6, err_msg=name)
     removed = mask.numpy() == 1
@@ -105,12 +108,12 @@ def test_norm_pix_prediction_is_denormalized_with_the_inputs_patch_statistics():
     pixel_values = (0.8 + 0.3 * np.random.default_rng(0).standard_normal((2, 3, 32, 32))).astype(np.float32)
     mask = masking_from_noise(random_noise(2, 16, 0), 0.75).mask
     perfect = target_patches(pixel_values, 8, norm_pix_loss=True)  # [2, 16, 192]
-    panels = build_panels(pixel_values, perfect, mask, 8, MEAN, STD, norm_pix_loss=True)
+    panels = build_panels(pixel_values, perfect, mask, PixelSpace(8, MEAN, STD, norm_pix_loss=True))
     np.testing.assert_allclose(panels.reconstruction, panels.original, atol=1e-5)
-    metrics = masked_metrics(pixel_values, perfect, mask, 8, MEAN, STD, True, panels=panels)
+    metrics = masked_metrics(pixel_values, perfect, mask, PixelSpace(8, MEAN, STD, True), panels=panels)
     assert np.all(metrics.loss == 0) and np.all(metrics.mse < 1e-10) and np.all(metrics.psnr > 90)
     # Read as plain normalized pixels, the same numbers are a poor reconstruction.
-    plain = masked_metrics(pixel_values, perfect, mask, 8, MEAN, STD, norm_pix_loss=False)
+    plain = masked_metrics(pixel_values, perfect, mask, PixelSpace(8, MEAN, STD, norm_pix_loss=False))
     assert np.all(plain.mse > 0.01)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -79,16 +80,20 @@ def mask_to_pixels(mask: np.ndarray, patch_size: int, image_size: int) -> np.nda
     return pixel_mask[..., None]
 
 
-def build_panels(
-    pixel_values: np.ndarray,
-    pred: np.ndarray,
-    mask: np.ndarray,
-    patch_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    norm_pix_loss: bool,
-) -> Panels:
+@dataclass(frozen=True)
+class PixelSpace:
+    """How a model's predictions map back to pictures: its patch size, the pre-processing's mean and std, and
+    whether it predicts per-patch normalized pixels (norm_pix_loss)."""
+
+    patch_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    norm_pix_loss: bool
+
+
+def build_panels(pixel_values: np.ndarray, pred: np.ndarray, mask: np.ndarray, space: PixelSpace) -> Panels:
     """The four pictures of the MAE demo, float32 [N, S, S, 3] in [0, 1]."""
+    patch_size, mean, std, norm_pix_loss = space.patch_size, space.mean, space.std, space.norm_pix_loss
     pixel_values = np.asarray(pixel_values, dtype=np.float32)  # [N, 3, S, S]
     original = np.clip(denormalize_chw(pixel_values, mean, std), 0.0, 1.0)
     recon_normalized = prediction_to_normalized(pred, pixel_values, patch_size, norm_pix_loss)
@@ -100,23 +105,17 @@ def build_panels(
 
 
 def masked_metrics(
-    pixel_values: np.ndarray,
-    pred: np.ndarray,
-    mask: np.ndarray,
-    patch_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    norm_pix_loss: bool,
-    panels: Panels | None = None,
+    pixel_values: np.ndarray, pred: np.ndarray, mask: np.ndarray, space: PixelSpace, panels: Panels | None = None
 ) -> MaskedMetrics:
     """Per image, on removed patches only: pixel MSE / PSNR of the picture, and the training loss."""
+    patch_size, norm_pix_loss = space.patch_size, space.norm_pix_loss
     mask = np.asarray(mask, dtype=np.float32)  # [N, L]
     removed_count = np.maximum(mask.sum(axis=1), 1.0)  # [N]; mask ratio 0 gives 0 removed patches
     target = target_patches(pixel_values, patch_size, norm_pix_loss)
     per_patch_loss = ((np.asarray(pred, np.float32) - target) ** 2).mean(axis=-1)  # [N, L]
     loss = (per_patch_loss * mask).sum(axis=1) / removed_count
 
-    panels = panels or build_panels(pixel_values, pred, mask, patch_size, mean, std, norm_pix_loss)
+    panels = panels or build_panels(pixel_values, pred, mask, space)
     to_chw = (0, 3, 1, 2)
     squared = (panels.reconstruction - panels.original) ** 2  # [N, S, S, 3]
     per_patch_mse = patchify(squared.transpose(to_chw), patch_size).mean(axis=-1)  # [N, L]
