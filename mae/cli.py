@@ -11,6 +11,7 @@ import typer
 
 from .core.engine_files import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB
 from .core.errors import MAEError
+from .train_options import AUTOCAST_PRECISIONS, DEFAULT_PRESET, TrainOptions
 
 app = typer.Typer(
     name="mae",
@@ -28,8 +29,10 @@ def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, {value.replace("+", "_"): value for value in values}, type=str)
 
 
+TRAIN = TrainOptions(data=Path())  # the defaults of `mae train`, from the library
+
 # The library checks these again (and names them in its own errors); here they make `--help` list the choices.
-Precision = choices("Precision", ("fp32", "bf16", "fp16"))  # training autocast, the torch engine
+Precision = choices("Precision", AUTOCAST_PRECISIONS)  # training autocast, the torch engine
 ExportPrecision = choices("ExportPrecision", ("fp32", "fp16", "int8"))  # graphs in a bundle
 ExportFormat = choices("ExportFormat", ("onnx", "trt", "tensorrt"))
 EngineName = choices("EngineName", ("auto", "onnx", "trt", "torch", "openvino"))
@@ -52,23 +55,25 @@ def train(
     data: Annotated[Path, typer.Option(help="Folder of images, searched recursively.")],
     model: Annotated[
         str | None,
-        typer.Option(help="Architecture preset (default: mae_vit_base_patch16; the run's with --resume)."),
+        typer.Option(help=f"Architecture preset (default: {DEFAULT_PRESET}; the run's with --resume)."),
     ] = None,
     img_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: the preset's).")] = None,
     patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels (default: the preset's).")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 400,
-    warmup_epochs: Annotated[int, typer.Option(min=0)] = 40,
-    batch_size: Annotated[int, typer.Option(min=1, help="Per-process batch size.")] = 64,
-    accum_iter: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
-    repeat: Annotated[int, typer.Option(min=1, help="Passes over the images per epoch (small datasets).")] = 1,
-    blr: Annotated[float, typer.Option(help="Base lr; lr = blr * effective batch / 256.")] = 1.5e-4,
+    epochs: Annotated[int, typer.Option(min=1)] = TRAIN.epochs,
+    warmup_epochs: Annotated[int, typer.Option(min=0)] = TRAIN.warmup_epochs,
+    batch_size: Annotated[int, typer.Option(min=1, help="Per-process batch size.")] = TRAIN.batch_size,
+    accum_iter: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = TRAIN.accum_iter,
+    repeat: Annotated[
+        int, typer.Option(min=1, help="Passes over the images per epoch (small datasets).")
+    ] = TRAIN.repeat,
+    blr: Annotated[float, typer.Option(help="Base lr; lr = blr * effective batch / 256.")] = TRAIN.blr,
     lr: Annotated[float | None, typer.Option(help="Absolute lr (overrides --blr).")] = None,
-    min_lr: Annotated[float, typer.Option()] = 0.0,
-    weight_decay: Annotated[float, typer.Option()] = 0.05,
-    mask_ratio: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.75,
-    norm_pix_loss: Annotated[bool, typer.Option("--norm-pix-loss/--no-norm-pix-loss")] = True,
+    min_lr: Annotated[float, typer.Option()] = TRAIN.min_lr,
+    weight_decay: Annotated[float, typer.Option()] = TRAIN.weight_decay,
+    mask_ratio: Annotated[float, typer.Option(min=0.0, max=0.99)] = TRAIN.mask_ratio,
+    norm_pix_loss: Annotated[bool, typer.Option("--norm-pix-loss/--no-norm-pix-loss")] = TRAIN.norm_pix_loss,
     precision: Annotated[Precision, typer.Option(help="fp32, bf16 autocast (CPU/GPU), fp16 + scaler (CUDA).")] = (
-        Precision.fp32
+        Precision(TRAIN.precision)
     ),
     allow_emulated_bf16: Annotated[
         bool,
@@ -79,17 +84,21 @@ def train(
     ] = False,
     init: Annotated[Path | None, typer.Option(help="Start from these weights (any format mae reads).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt.")] = False,
-    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/mae"),
-    seed: Annotated[int, typer.Option()] = 0,
-    workers: Annotated[int, typer.Option(min=0, help="Data-loading processes.")] = 2,
-    save_every: Annotated[int, typer.Option(min=1, help="Keep an epoch checkpoint every N epochs.")] = 20,
+    out: Annotated[Path, typer.Option(help="Run directory.")] = TRAIN.out,
+    seed: Annotated[int, typer.Option()] = TRAIN.seed,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loading processes.")] = TRAIN.workers,
+    save_every: Annotated[int, typer.Option(min=1, help="Keep an epoch checkpoint every N epochs.")] = TRAIN.save_every,
     max_minutes: Annotated[float | None, typer.Option(help="Stop (cleanly, resumable) after this long.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop (cleanly, resumable) after N optimizer steps.")] = (
         None
     ),
-    device: Annotated[str, typer.Option(help="auto (this process's GPU if any), cpu, cuda, cuda:N.")] = "auto",
-    checkpoint_minutes: Annotated[float, typer.Option(help="Also refresh checkpoint.pt mid-epoch this often.")] = 10.0,
-    preview_images: Annotated[int, typer.Option(min=0, help="Images held out and reconstructed every epoch.")] = 4,
+    device: Annotated[str, typer.Option(help="auto (this process's GPU if any), cpu, cuda, cuda:N.")] = TRAIN.device,
+    checkpoint_minutes: Annotated[
+        float, typer.Option(help="Also refresh checkpoint.pt mid-epoch this often.")
+    ] = TRAIN.checkpoint_minutes,
+    preview_images: Annotated[
+        int, typer.Option(min=0, help="Images held out and reconstructed every epoch.")
+    ] = TRAIN.preview_images,
 ) -> None:
     """Pretrain (or continue pretraining) an MAE on a folder of images.
 
@@ -97,7 +106,7 @@ def train(
     """
     options = plain(locals())  # before the imports below add names to locals()
     from .reports.train import RichTrainReporter
-    from .train import TrainOptions, run_training
+    from .train import run_training
 
     run_training(TrainOptions(**options), RichTrainReporter())
 

@@ -80,10 +80,9 @@ from .data import (
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, gather_objects, init_distributed
 from .model import MaskedAutoencoder, count_parameters
 from .plots import save_loss_curve
+from .train_options import AUTOCAST_PRECISIONS, DEFAULT_PRESET, TrainOptions
 from .weights import load_weights, resize_weights
 
-DEFAULT_PRESET = "mae_vit_base_patch16"
-AUTOCAST_PRECISIONS = ("fp32", "bf16", "fp16")  # --precision of training: autocast modes (not a bundle's graphs)
 ADAMW_BETAS = (0.9, 0.95)
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -110,42 +109,6 @@ MAX_SEED = 2**53  # seed * 1000 + rank still fits the int64 seeds of torch gener
 # Temporaries of the run folder's files (mae.core.files names them .NAME.OWNER.RANDOM.tmp): NAME of each.
 _RUN_TEMPORARY = re.compile(r"^\.(checkpoint(?:-\d+)?\.pt|log\.jsonl|run\.json|loss_curve\.png)\.")
 _PREVIEW_TEMPORARY = re.compile(r"^\.(epoch_\d+\.png)\.")
-
-
-@dataclass
-class TrainOptions:
-    """The options of `mae train` (same names); `run_training(TrainOptions(...))` is the command."""
-
-    data: Path  # folder of images, searched recursively
-    model: str | None = None  # preset; None: mae_vit_base_patch16, or the run's (--resume), or the weights' (--init)
-    img_size: int | None = None  # None: the preset's / the weights'
-    patch_size: int | None = None
-    epochs: int = 400
-    warmup_epochs: int = 40
-    batch_size: int = 64  # per process
-    accum_iter: int = 1  # gradient accumulation steps per optimizer step
-    repeat: int = 1  # passes over the training images per epoch, each with its own random crops (small datasets)
-    blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256
-    lr: float | None = None  # absolute peak lr; overrides blr
-    min_lr: float = 0.0  # floor of the cosine schedule
-    weight_decay: float = 0.05
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True  # the paper's better target (per-patch normalized pixels)
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (autocast + GradScaler, CUDA)
-    allow_emulated_bf16: bool = False  # bf16 on a CPU without bf16 instructions (many times slower than fp32)
-    init: Path | None = None  # start from these weights (any format mae.weights reads); architecture from them
-    resume: bool = False  # continue OUT/checkpoint.pt
-    out: Path = Path("runs/mae")
-    seed: int = 0
-    workers: int = 2  # data-loading processes per rank
-    save_every: int = 20  # keep checkpoint-{epoch}.pt every N epochs (and the last)
-    max_minutes: float | None = None  # stop cleanly (checkpoint written, resumable) after this long
-    max_steps: int | None = None  # stop cleanly after this many optimizer steps in all (resumable)
-    device: str = "auto"  # auto: this rank's GPU if any, else CPU
-    checkpoint_minutes: float = 10.0  # also refresh checkpoint.pt mid-epoch this often
-    log_every: int = 1  # optimizer steps between "step" lines in log.jsonl
-    preview_images: int = 4  # held out of training and reconstructed after every epoch
-    progress: bool = True  # a progress bar (rank 0), when the reporter draws one
 
 
 @dataclass

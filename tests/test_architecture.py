@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"mae": "mae", "export": "mae.export", "runtime": "mae.runtime"}  # folder -> import name
-TORCH_SIDE = {"mae.model", "mae.pos_embed", "mae.weights", "mae.checkpoint", "mae.train", "mae.data",
-              "mae.distributed", "mae.plots"}  # fmt: skip
+TORCH_SIDE = {"mae.model", "mae.pos_embed", "mae.weights", "mae.checkpoint", "mae.train", "mae.train_options",
+              "mae.data", "mae.distributed", "mae.plots"}  # fmt: skip
 APP = {"mae.cli", "mae.demo", "mae.benchmark", "mae.weights_info"}
 MAY_IMPORT = {
     "core": {"core"},
