@@ -20,9 +20,6 @@ from rich.table import Table
 from mae.export import export_bundle
 from mae.runtime.bench import (
     BASELINE,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MASK_RATIOS,
-    DEFAULT_SECONDS,
     ENGINE_SPECS,
     BenchProgress,
     Prepared,
@@ -38,6 +35,7 @@ from mae.runtime.bench import (
     summary_lines,
 )
 from mae.runtime.bench import bench as measure
+from mae.runtime.bench_options import DEFAULT_BATCH_SIZE, DEFAULT_MASK_RATIOS, DEFAULT_MODEL, DEFAULT_SECONDS
 from mae.runtime.engines.auto import GATE
 from mae.runtime.roofline import Peak, measure_peaks
 
@@ -47,7 +45,6 @@ from .core.config import PRESETS
 from .core.files import atomic_write_text
 from .reports.export import ExportSpinner
 
-DEFAULT_MODEL = "mae_vit_base_patch16"
 TABLE_COLUMNS = ("engine", "mask", "K", "img/s", "vs torch fp32", "cos cls", "cos mean", "t/t(mask 0)", "GFLOP/s",
                  "of peak")  # fmt: skip
 

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from mae.runtime.bench_options import DEFAULT_BATCH_SIZE, DEFAULT_MASK_RATIOS, DEFAULT_MODEL, DEFAULT_SECONDS
+
 from .core.engine_files import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB
 from .core.errors import MAEError
 from .train_options import AUTOCAST_PRECISIONS, DEFAULT_PRESET, TrainOptions
@@ -224,7 +226,7 @@ def embed(
 def bench(
     model: Annotated[
         str, typer.Option(help="A preset (random weights), weights (torch engines only) or a bundle directory.")
-    ] = "mae_vit_base_patch16",
+    ] = DEFAULT_MODEL,
     engines: Annotated[
         str | None,
         typer.Option(
@@ -233,9 +235,9 @@ def bench(
             "Default: every engine that can run here (the choice and what was left out are printed)."
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    mask_ratio: Annotated[list[float], typer.Option(help="Repeat for several.")] = [0.75, 0.0],  # noqa: B006
-    seconds: Annotated[float, typer.Option(help="Timing budget per engine and ratio.")] = 5.0,
+    batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_SIZE,
+    mask_ratio: Annotated[list[float], typer.Option(help="Repeat for several.")] = list(DEFAULT_MASK_RATIOS),  # noqa: B006, B008
+    seconds: Annotated[float, typer.Option(help="Timing budget per engine and ratio.")] = DEFAULT_SECONDS,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     roofline: Annotated[
         bool, typer.Option("--roofline/--no-roofline", help="Measure peak GEMM throughput (~1-2 s), as % of peak.")

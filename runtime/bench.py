@@ -25,6 +25,7 @@ from mae.core.masking import masking_from_noise, random_noise
 from mae.core.numerics import cosine_rows, pooled
 
 from .bench_cache import save_rows
+from .bench_options import DEFAULT_BATCH_SIZE, DEFAULT_MASK_RATIOS, DEFAULT_SECONDS
 from .engines import Engine, create_engine
 from .engines.auto import GATE
 from .engines.labels import ENGINE_SPECS
@@ -33,9 +34,6 @@ from .roofline import Peak, encoder_flops, measure_peaks
 from .system import installed_engines
 
 BASELINE = "torch"
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_MASK_RATIOS = (0.75, 0.0)
-DEFAULT_SECONDS = 5.0  # timing budget per engine and mask ratio
 MIN_ROUNDS = 3
 MAX_ROUNDS = 1000
 WARMUP_RUNS = 2
