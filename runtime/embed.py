@@ -56,7 +56,7 @@ from PIL import Image
 from mae import __version__
 from mae.core.bundle import Bundle, is_bundle
 from mae.core.errors import MAEError, require
-from mae.core.files import atomic_write, free_bytes, sha256_file, size_text
+from mae.core.files import atomic_write, cached_sha256, free_bytes, size_text
 from mae.core.integrity import verify_entry
 from mae.core.masking import full_ids_keep
 from mae.core.numerics import POOLS, l2_normalize, pool_tokens
@@ -184,24 +184,27 @@ def model_checksum(model: str, engine_name: str, precision: str) -> str:
     if is_bundle(path):
         bundle = Bundle.load(path)
         if engine_name == "torch":
-            source = bundle_source(path, fresh=True)
-            return _path_checksum(source) if source is not None else _path_checksum(bundle.graph("encoder", precision))
+            source = bundle_source(path, fresh=True)  # read in full and checked: the digest below is the cached one
+            return _path_checksum(source, fresh=False)
+        # Each file is read in full once, by the check; the entry's digest then comes from the hash cache.
         if engine_name == "openvino" and precision == "int8":  # the NNCF model, not the ONNX Runtime graph
             int8_model_path(bundle, "encoder", fresh=True)  # an MAEError when the bundle has none or it changed
-            return verify_entry(bundle.path, bundle.manifest["openvino"]["int8"]["encoder"], fresh=True)
+            return verify_entry(bundle.path, bundle.manifest["openvino"]["int8"]["encoder"])
         bundle.graph("encoder", precision, fresh=True)
-        return verify_entry(bundle.path, bundle.manifest["graphs"][precision]["encoder"], fresh=True)
+        return verify_entry(bundle.path, bundle.manifest["graphs"][precision]["encoder"])
     if not path.exists():
         raise MAEError(f"--model {model} does not exist.", hint="pass a bundle directory or weights for --engine torch")
     return _path_checksum(path)
 
 
-def _path_checksum(path: Path) -> str:
+def _path_checksum(path: Path, fresh: bool = True) -> str:
+    """sha256 of weights: the file, or a folder's (e.g. Hugging Face) names and contents; `fresh=False` takes the
+    hashes cached by a check that has just read the files in full."""
     if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()  # a weights folder (e.g. Hugging Face): names and contents of its files
+        return cached_sha256(path, fresh=fresh)
+    digest = hashlib.sha256()
     for item in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
+        digest.update(f"{item.relative_to(path).as_posix()}\0{cached_sha256(item, fresh=fresh)}\n".encode())
     return digest.hexdigest()
 
 

@@ -51,6 +51,8 @@ RUN_FILE = "run.json"
 RUN_FORMAT = "mae-embeddings"
 DONE_FORMAT = "mae-embeddings-shard"  # the "format" of a done marker (one per output file)
 FORMAT_VERSION = 1
+# What link() says on file systems without hard links (FAT, some network mounts, some FUSE).
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
 FOLDERS = ("embeddings", "metadata", "failures", "done")
 METADATA_COLUMNS = ("path", "key", "index", "status", "error", "width", "height")
 FAILURE_COLUMNS = (*METADATA_COLUMNS, "message")
@@ -118,9 +120,10 @@ class OutputFolder:
                 os.link(tmp, run_path)
             except FileExistsError:
                 pass
-            except OSError as exc:  # no hard links on this file system: exclusive create instead
-                if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO):
+            except OSError as exc:
+                if exc.errno not in NO_HARD_LINKS:  # a real fault (no space, read-only, ...): the caller says which
                     raise
+                # no hard links on this file system: exclusive create instead
                 try:
                     with open(run_path, "x") as handle:
                         handle.write(text)

@@ -140,14 +140,21 @@ def temporary_name(name: str, kind: str = "tmp") -> tuple[str, str]:
     return f".{name}.{owner_tag()}.", f".{kind}"
 
 
-def _owner_of(entry: str, name: str, kind: str) -> str | None:
-    """The owner tag of the temporary `entry` of `name`, "" if untagged (older versions), None if not one."""
-    head, tail = f".{name}.", f".{kind}"
-    if not (entry.startswith(head) and entry.endswith(tail)):
+def _temporary_of(entry: str, names: set[str], kind: str) -> tuple[str, str] | None:
+    """(name, owner tag) if `entry` is a temporary of one of `names`: owner "" when untagged (older versions)."""
+    tail = f".{kind}"
+    if not (entry.startswith(".") and entry.endswith(tail)):
         return None
-    middle = entry[len(head) : -len(tail)]  # OWNER.RANDOM (tagged) or RANDOM (untagged)
-    owner, dot, _random = middle.rpartition(".")
-    return owner if dot and "-" in owner else ""
+    middle = entry[1 : -len(tail)]  # NAME.OWNER.RANDOM (tagged), NAME.RANDOM or NAME (older versions, untagged)
+    if middle in names:
+        return middle, ""
+    tagged = middle.rsplit(".", 2)
+    if len(tagged) == 3 and "-" in tagged[1] and tagged[0] in names:
+        return tagged[0], tagged[1]
+    untagged = middle.rsplit(".", 1)
+    if len(untagged) == 2 and untagged[0] in names:
+        return untagged[0], ""
+    return None
 
 
 def owner_alive(owner: str) -> bool:
@@ -178,22 +185,18 @@ def remove_leftovers(folder: str | os.PathLike, names: Iterator[str] | list[str]
         entries = list(os.scandir(folder))
     except OSError:
         return 0
-    for entry in entries:
-        for name in wanted:
-            owner = _owner_of(entry.name, name, kind)
-            if owner is None or owner_alive(owner):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    os.unlink(entry.path)
-                removed += 1
-            except FileNotFoundError:
-                pass
-            except OSError:
-                continue
-            break
+    for entry in entries:  # one pass over the folder, whatever the number of names
+        found = _temporary_of(entry.name, wanted, kind)
+        if found is None or owner_alive(found[1]):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:  # gone already, or not ours to remove after all
+            continue
     return removed
 
 

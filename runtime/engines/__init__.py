@@ -7,6 +7,7 @@ only this module knows them all. Engine modules are imported when asked for, so 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from mae.core.bundle import INPUT_NAMES
@@ -38,9 +39,10 @@ def engine_class(name: str) -> type:
     raise MAEError(f"Unknown engine {name!r}", hint=f"choose one of: {', '.join(ENGINE_NAMES)}")
 
 
-def engine_options(name: str) -> set[str]:
+@functools.cache
+def engine_options(name: str) -> frozenset[str]:
     """The options engine `name` takes (its constructor's keyword parameters besides model and part)."""
-    return set(inspect.signature(engine_class(name)).parameters) - {"model", "part"}
+    return frozenset(inspect.signature(engine_class(name)).parameters) - {"model", "part"}
 
 
 def create_engine(name: str, model: object, part: str = "encoder", **options: object) -> Engine:
