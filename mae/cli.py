@@ -297,6 +297,70 @@ def demo(
     run_demo(out=out, minutes=minutes, seed=seed)
 
 
+# -------------------------------------------------------------------------------------------------- index
+IndexKind = choices("IndexKind", ("auto", "flat", "ivf-flat", "ivf-pq"))
+Metric = choices("Metric", ("cosine", "ip"))
+
+
+@app.command()
+def index(
+    embeddings: Annotated[list[str], typer.Argument(help="One or more finished `mae embed` output folders.")],
+    out: Annotated[str, typer.Option(help="Index folder (index.faiss, ids.parquet, index.json).")] = "index",
+    metric: Annotated[Metric, typer.Option(help="cosine (unit-length vectors) or ip (inner product as stored).")] = (
+        Metric.cosine
+    ),
+    kind: Annotated[
+        IndexKind, typer.Option(help="auto: exact up to 200k vectors (if they fit), else IVF, with PQ codes if needed.")
+    ] = IndexKind.auto,
+    max_memory: Annotated[
+        str | None, typer.Option(help="Memory budget of the index, e.g. 4GiB (default: a quarter of this machine's).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the training sample and k-means (same seed, same index).")] = 0,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Check every embedding file's sha256 against its marker.")
+    ] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print index.json instead of the table.")] = False,
+) -> None:
+    """Build a faiss index over mae embed folders; measures recall@10 against exact search and prints it.
+
+    Building again from unchanged folders does nothing; from changed ones it builds again.
+    """
+    options = plain(locals())  # before the import adds a name
+    from .reports.search import run_index
+
+    run_index(**options)
+
+
+# ------------------------------------------------------------------------------------------------- search
+@app.command()
+def search(
+    queries: Annotated[list[str] | None, typer.Argument(help="Query images (new, or already indexed).")] = None,
+    index: Annotated[str, typer.Option(help="Index folder (mae index --out).")] = "index",
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Neighbours per query.")] = 10,
+    ids: Annotated[list[int] | None, typer.Option("--id", help="An indexed image as query (repeatable).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The bundle the index was embedded with (default: the one it records).")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Folder for the contact sheet or the duplicate files.")] = "search-results",
+    duplicates: Annotated[
+        bool, typer.Option("--duplicates", help="Near-duplicate pairs and groups across the whole index.")
+    ] = False,
+    threshold: Annotated[float, typer.Option(help="--duplicates: similarity above which two images pair.")] = 0.95,
+    sheet: Annotated[bool, typer.Option("--sheet/--no-sheet", help="Write OUT/contact_sheet.png.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Nearest indexed images of each query (table, --json, contact sheet), or near-duplicates (--duplicates).
+
+    New query images are embedded exactly as the index's images were (same bundle, engine, pre-processing,
+    pooling); an indexed image is left out of its own neighbours.
+    """
+    options = plain(locals())  # before the import adds a name
+    options["queries"], options["ids"] = options["queries"] or [], options["ids"] or []
+    from .reports.search import run_search
+
+    run_search(**options)
+
+
 def main() -> None:
     """Entry point: user errors are printed plainly (no traceback) with exit status 2."""
     try:
