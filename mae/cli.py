@@ -284,6 +284,42 @@ def info(
         describe(path, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
 
 
+# --------------------------------------------------------------------------------------------------- eval
+EvalKind = choices("EvalKind", ("knn", "linear"))
+EvalPool = choices("EvalPool", ("cls", "mean", "cls+mean"))  # one vector per image
+
+
+@app.command(name="eval")
+def eval_command(
+    kind: Annotated[EvalKind, typer.Argument(help="knn: DINO's weighted k-NN vote; linear: a linear probe.")],
+    train: Annotated[Path, typer.Option(help="Train images, one subfolder per class (searched recursively).")],
+    val: Annotated[Path, typer.Option(help="Validation images, laid out as --train.")],
+    model: ModelOption,
+    out: Annotated[
+        Path | None, typer.Option(help="Embeddings, pixel cache, report and picture (default: eval/MODEL-POOL).")
+    ] = None,
+    engine: EngineOption = EngineName.auto,
+    provider: ProviderOption = Provider.auto,
+    precision: Annotated[
+        ExportPrecision | None, typer.Option(help="Bundle graph (default: auto's choice, else fp32).")
+    ] = None,
+    pool: Annotated[EvalPool, typer.Option(help="Class token, mean of the patch tokens, or both.")] = EvalPool.cls,
+    k: Annotated[int, typer.Option("--k", help="knn: neighbours that vote (more than the train set: all).")] = 20,
+    temperature: Annotated[float, typer.Option(help="knn: each vote weighs exp(cosine / T).")] = 0.07,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per engine call.")] = 32,
+    workers: Annotated[int, typer.Option(min=0, help="Decode processes (0: in the main process).")] = 2,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Accuracy of frozen features on class folders (k-NN or linear probe), next to a raw-pixel baseline.
+
+    Writes OUT/report-KIND.json and OUT/confusion-KIND.png; the embeddings in OUT/embeddings/ are reused by a rerun.
+    """
+    options = plain(locals())  # before the import adds a name
+    from .reports.eval import run_eval
+
+    run_eval(**options)
+
+
 # --------------------------------------------------------------------------------------------------- demo
 @app.command()
 def demo(

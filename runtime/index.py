@@ -52,6 +52,7 @@ RECALL_K = 10
 RECALL_SAMPLE = 1000
 TRAIN_POINTS_PER_LIST = 64  # faiss warns below 39 points per centroid; more costs k-means time on small CPUs
 ADD_CHUNK = 65536
+PQ_MAX_M = 96  # bytes per vector of an ivf-pq index: 768-d vectors as 96 codes of 8 dimensions
 ID_BYTES = 8  # an inverted list stores a 64-bit id beside each vector or code
 
 
@@ -150,8 +151,9 @@ def plan_index(count: int, dim: int, max_memory: int | None = None, kind: str = 
     ivf_flat = centroids + count * (dim * 4 + ID_BYTES)
     if kind == "ivf-flat" or (kind == "auto" and ivf_flat <= budget):
         return IndexPlan("ivf-flat", count, dim, nlist=nlist, memory_bytes=ivf_flat)
-    # Product quantization: m one-byte codes a vector, m a divisor of dim (faiss needs it); the largest that fits.
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= 256]
+    # Product quantization: m one-byte codes a vector, m a divisor of dim (faiss needs it); the largest that fits,
+    # of at least 4 dimensions per code (finer ones cost training time for little recall) and at most PQ_MAX_M.
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0 and (m <= dim // 4 or m == 1) and m <= PQ_MAX_M]
     fitting = [m for m in divisors if centroids + count * (m + ID_BYTES) + m * 256 * (dim // m) * 4 <= budget]
     if kind == "ivf-pq" and not fitting:
         fitting = divisors[:1]
@@ -226,6 +228,7 @@ def _train_and_add(plan: IndexPlan, vectors: np.ndarray, seed: int, progress: In
         ivf.cp.niter = 20
         if plan.kind == "ivf-pq":
             index.pq.cp.seed = seed  # k-means of each sub-quantizer
+            index.do_polysemous_training = False  # codes for Hamming pre-filters we never use: 5x the training time
         count = min(len(vectors), max(TRAIN_POINTS_PER_LIST * plan.nlist, 256 * 40 if plan.kind == "ivf-pq" else 0))
         rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=count, replace=False))
         progress.stage(f"train {plan.factory()} on {count} vectors", 1)

@@ -198,7 +198,7 @@ def resolve_queries(loaded: LoadedIndex, images: list[str], ids: list[int]) -> l
 def query_model(loaded: LoadedIndex, model: str | os.PathLike | None) -> str:
     """The bundle to embed new queries with: `model`, else the one the embeddings were made with; its checksum
     must be the recorded one."""
-    from .embed import model_checksum
+    from .embed import model_checksum  # embed's pipeline (multiprocessing, the engines) only when a query needs it
 
     settings = loaded.manifest["settings"]
     recorded = next((s.get("model_path") for s in loaded.manifest["sources"] if s.get("model_path")), None)
@@ -220,7 +220,7 @@ def query_model(loaded: LoadedIndex, model: str | os.PathLike | None) -> str:
 
 def embed_queries(paths: list[str], model: str, settings: dict[str, Any], dtype: str | None) -> np.ndarray:
     """float32 [Q, D]: `paths` through `mae embed` with the index's settings; an error naming undecodable files."""
-    from .embed import embed
+    from .embed import embed  # as above: only when a query needs embedding
 
     with tempfile.TemporaryDirectory(prefix="mae-search-") as scratch:
         listing = Path(scratch, "queries.txt")

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mae.core.errors import MAEError
-from mae.core.files import size_text
+from ..core.errors import MAEError
+from ..core.files import size_text
 
 
 class StageBar:
@@ -55,7 +55,7 @@ class StageBar:
 def run_index(embeddings: list[str], out: str, metric: str, kind: str, max_memory: str | None, seed: int,
               verify: bool, json_output: bool) -> dict[str, Any]:  # fmt: skip
     """`mae index`: build (or find up to date) the index, then say what it is and how good its recall is."""
-    from mae.runtime.index import build_index
+    from mae.runtime.index import build_index  # faiss and the runtime only when the command runs
 
     manifest = build_index(embeddings, out, metric, kind, max_memory, seed, verify, progress=StageBar())
     if json_output:
@@ -98,8 +98,8 @@ def run_search(queries: list[str], index: str, k: int, ids: list[int], model: st
                duplicates: bool, threshold: float, sheet: bool, json_output: bool) -> dict[str, Any]:  # fmt: skip
     """`mae search`: neighbours of the queries (table + contact sheet), or with --duplicates the groups above the
     threshold (parquet + picture)."""
-    from mae.runtime.search import find_duplicates, load_index, search
-    from mae.runtime.sheets import search_sheet
+    from mae.runtime.search import find_duplicates, load_index, search  # as above
+    from mae.runtime.sheets import search_sheet  # as above
 
     loaded = load_index(index)
     for note in loaded.notes:

@@ -1,0 +1,220 @@
+"""`mae index`: the choice of index, measured recall against exact search, same folders -> same index, changes
+detected, and every bad input a message. Vectors come from `tests/embedding_folders.py` (no model runs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from cli_runner import run_cli
+from embedding_folders import clustered_vectors, synthetic_run
+
+from mae.core.errors import MAEError
+from mae.runtime import index as index_module
+from mae.runtime.index import (
+    FLAT_MAX_VECTORS,
+    RECALL_TARGET,
+    build_index,
+    parse_size,
+    plan_index,
+    recall_at,
+)
+from mae.runtime.search import load_index, search
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    """12 000 clustered 48-d vectors in 3 output files."""
+    vectors = clustered_vectors(12_000, 48, seed=1)
+    return synthetic_run(tmp_path_factory.mktemp("clustered"), vectors, shard_size=5000), vectors
+
+
+def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact cosine neighbours in numpy (an independent reference for faiss)."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    return np.argsort(-(q @ unit.T), axis=1, kind="stable")[:, :k]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def test_plan_is_exact_while_small_then_ivf_then_pq_as_the_budget_shrinks():
+    assert plan_index(1000, 768).kind == "flat"
+    big = plan_index(FLAT_MAX_VECTORS + 1, 768, max_memory=64 << 30)
+    assert big.kind == "ivf-flat" and big.nlist == 512 and big.factory() == "IVF512,Flat"
+    squeezed = plan_index(1_000_000, 768, max_memory=200 << 20)
+    assert squeezed.kind == "ivf-pq" and 768 % squeezed.pq_m == 0 and squeezed.memory_bytes <= 200 << 20
+    assert squeezed.factory() == f"IVF1024,PQ{squeezed.pq_m}x8"
+    # A budget below even the exact index's size of a small set moves it off flat.
+    assert plan_index(100_000, 768, max_memory=100 << 20).kind == "ivf-pq"
+    with pytest.raises(MAEError, match="fits in --max-memory"):
+        plan_index(1_000_000, 768, max_memory=1 << 20)
+    with pytest.raises(MAEError, match="too few for an inverted-file index"):
+        plan_index(50, 8, kind="ivf-flat")
+
+
+@pytest.mark.parametrize(("text", "value"), [("4GiB", 4 << 30), ("512M", 512 << 20), ("1.5 GB", int(1.5 * 2**30)),
+                                             ("1000", 1000), ("auto", None), (None, None)])  # fmt: skip
+def test_memory_sizes_parse(text, value):
+    assert parse_size(text) == value
+
+
+def test_a_memory_size_that_is_no_size_is_refused():
+    with pytest.raises(MAEError, match="is not a size"):
+        parse_size("lots")
+
+
+# ------------------------------------------------------------------------------------------------ recall
+def test_exact_index_agrees_with_numpy_brute_force(clustered, tmp_path):
+    folder, vectors = clustered
+    manifest = build_index([folder], tmp_path / "flat", kind="flat")
+    assert manifest["factory"] == "Flat" and manifest["recall"]["exact"]
+    loaded = load_index(tmp_path / "flat")
+    queries = vectors[::997]
+    _, found = loaded.search(queries, 10)
+    assert recall_at(found, brute_force(vectors, queries, 10)) >= 0.999  # ties at float precision only
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-pq"])
+def test_approximate_index_recall_is_measured_and_holds_on_other_queries(clustered, tmp_path, kind):
+    """The recall index.json reports is what an independent check (numpy brute force, another sample) finds."""
+    folder, vectors = clustered
+    manifest = build_index([folder], tmp_path / kind, kind=kind)
+    recall = manifest["recall"]
+    assert manifest["plan"]["kind"] == kind and not recall["exact"] and recall["sample"] == 1000
+    assert [t["nprobe"] for t in recall["tried"]] == [2**i for i in range(len(recall["tried"]))]
+    if kind == "ivf-flat":  # exact vectors: enough lists scanned reach the target
+        assert recall["recall"] >= RECALL_TARGET
+    loaded = load_index(tmp_path / kind)
+    assert index_module.faiss_module().extract_index_ivf(loaded.index).nprobe == manifest["nprobe"]
+    queries = vectors[np.random.default_rng(7).choice(len(vectors), 300, replace=False)]
+    _, found = loaded.search(queries, 10)
+    independent = recall_at(found, brute_force(vectors, queries, 10))
+    assert abs(independent - recall["recall"]) < 0.05, (independent, recall)
+
+
+def test_building_twice_gives_the_same_index_and_an_unchanged_folder_is_not_rebuilt(clustered, tmp_path):
+    folder, _ = clustered
+    first = build_index([folder], tmp_path / "a", kind="ivf-pq")
+    second = build_index([folder], tmp_path / "b", kind="ivf-pq")
+    assert (tmp_path / "a/index.faiss").read_bytes() == (tmp_path / "b/index.faiss").read_bytes()
+    assert (tmp_path / "a/ids.parquet").read_bytes() == (tmp_path / "b/ids.parquet").read_bytes()
+    assert first["files"] == second["files"] and not first["up_to_date"]
+    stamp = (tmp_path / "a/index.faiss").stat().st_mtime_ns
+    again = build_index([folder], tmp_path / "a", kind="ivf-pq")
+    assert again["up_to_date"] and (tmp_path / "a/index.faiss").stat().st_mtime_ns == stamp
+    other_seed = build_index([folder], tmp_path / "a", kind="ivf-pq", seed=1)
+    assert not other_seed["up_to_date"]  # other options: built again
+
+
+def test_ids_map_back_to_metadata_rows_across_files_and_folders(tmp_path):
+    one = synthetic_run(tmp_path / "one", clustered_vectors(30, 8, seed=2), shard_size=7,
+                        paths=[f"/a/{i}.jpg" for i in range(30)])  # fmt: skip
+    two = synthetic_run(tmp_path / "two", clustered_vectors(12, 8, seed=3), shard_size=5,
+                        paths=[f"/b/{i}.jpg" for i in range(12)])  # fmt: skip
+    build_index([one, two], tmp_path / "index")
+    loaded = load_index(tmp_path / "index")
+    assert loaded.count == 42 and loaded.ids["path"][:2] == ["/a/0.jpg", "/a/1.jpg"]
+    assert loaded.ids["path"][30] == "/b/0.jpg" and int(loaded.ids["source"][30]) == 1
+    assert int(loaded.ids["file"][29]) == 4 and int(loaded.ids["row"][29]) == 1  # 29 = 4 * 7 + 1
+    expected = np.load(one / "embeddings/00004.npy")[1]
+    assert np.allclose(loaded.vector(29), expected / np.linalg.norm(expected), atol=1e-6)
+    result = search([], loaded, k=3, ids=[29])
+    assert result["queries"][0]["neighbours"][0]["id"] != 29  # an indexed query is not its own neighbour
+
+
+# --------------------------------------------------------------------------------------------- changes
+def test_a_changed_embedding_folder_is_detected_by_search_and_rebuilt_by_index(tmp_path):
+    vectors = clustered_vectors(40, 8, seed=4)
+    folder = synthetic_run(tmp_path / "emb", vectors, shard_size=16)
+    build_index([folder], tmp_path / "index")
+    shutil.rmtree(folder)
+    synthetic_run(folder, vectors * 2 + 1, shard_size=16)  # embedded again: other vectors, same layout
+    with pytest.raises(MAEError, match="changed since this index was built"):
+        load_index(tmp_path / "index")
+    rebuilt = build_index([folder], tmp_path / "index")
+    assert not rebuilt["up_to_date"]
+    load_index(tmp_path / "index")
+
+
+def test_a_damaged_index_file_is_refused(tmp_path):
+    folder = synthetic_run(tmp_path / "emb", clustered_vectors(20, 8, seed=5))
+    build_index([folder], tmp_path / "index")
+    with open(tmp_path / "index/index.faiss", "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\0\0\0\1")
+    with pytest.raises(MAEError, match="is not the file this index was built with"):
+        load_index(tmp_path / "index")
+
+
+def test_a_failed_build_leaves_no_index_and_the_next_build_completes(tmp_path, monkeypatch):
+    folder = synthetic_run(tmp_path / "emb", clustered_vectors(20, 8, seed=6))
+    build_index([folder], tmp_path / "index")
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(index_module, "_train_and_add", broken)
+    with pytest.raises(MemoryError):
+        build_index([folder], tmp_path / "index", seed=3)
+    with pytest.raises(MAEError, match="is not an index folder"):
+        load_index(tmp_path / "index")  # the old manifest is gone: never a manifest that disagrees with the files
+    monkeypatch.undo()
+    assert not build_index([folder], tmp_path / "index", seed=3)["up_to_date"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["ids.parquet", "index.faiss", "index.json"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_mixed_runs_with_other_settings_or_dimensions_are_refused(tmp_path):
+    base = synthetic_run(tmp_path / "a", clustered_vectors(20, 8, seed=7))
+    pooled = synthetic_run(tmp_path / "b", clustered_vectors(20, 8, seed=8), pool="mean")
+    wider = synthetic_run(tmp_path / "c", clustered_vectors(20, 16, seed=9))
+    with pytest.raises(MAEError, match="different pool"):
+        build_index([base, pooled], tmp_path / "index")
+    with pytest.raises(MAEError, match="different embedding_shape"):
+        build_index([base, wider], tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+
+def test_folders_that_are_not_finished_embeddings_are_refused(tmp_path):
+    with pytest.raises(MAEError, match="is not an embedding output folder"):
+        build_index([tmp_path], tmp_path / "index")
+    folder = synthetic_run(tmp_path / "emb", clustered_vectors(20, 8, seed=10), shard_size=8)
+    (folder / "done/00001.json").unlink()
+    with pytest.raises(MAEError, match="is not finished: 1 of 3 output files"):
+        build_index([folder], tmp_path / "index")
+    tokens = synthetic_run(tmp_path / "tokens", np.zeros((4, 8), np.float32), pool="tokens")
+    with pytest.raises(MAEError, match="pool=tokens"):
+        build_index([tokens], tmp_path / "index")
+
+
+def test_an_empty_embedding_run_is_refused(tmp_path):
+    folder = synthetic_run(tmp_path / "emb", np.zeros((0, 8), np.float32))
+    with pytest.raises(MAEError, match="nothing to index"):
+        build_index([folder], tmp_path / "index")
+
+
+def test_float16_embeddings_and_non_finite_rows(tmp_path):
+    vectors = clustered_vectors(30, 8, seed=11)
+    half = synthetic_run(tmp_path / "half", vectors, dtype="float16")
+    build_index([half], tmp_path / "index")
+    assert np.allclose(load_index(tmp_path / "index").vector(3), vectors[3] / np.linalg.norm(vectors[3]), atol=2e-3)
+    vectors[5, 2] = np.nan
+    broken = synthetic_run(tmp_path / "nan", vectors)
+    with pytest.raises(MAEError, match="1 embedding rows hold NaN"):
+        build_index([broken], tmp_path / "index2")
+
+
+def test_cli_index_prints_recall_and_json(clustered, tmp_path, monkeypatch, capsys):
+    folder, _ = clustered
+    code, output = run_cli(monkeypatch, capsys, "index", folder, "--out", tmp_path / "index", "--kind", "ivf-flat")
+    assert code == 0 and "recall@10" in output and "nprobe" in output, output
+    code, output = run_cli(monkeypatch, capsys, "index", folder, "--out", tmp_path / "index", "--kind", "ivf-flat",
+                           "--json")  # fmt: skip
+    manifest = json.loads(output[output.index("{") :])
+    assert code == 0 and manifest["up_to_date"] and manifest["count"] == 12_000
+    code, output = run_cli(monkeypatch, capsys, "index", tmp_path / "nothing", "--out", tmp_path / "x")
+    assert code == 2 and output.startswith("error: ") and "Traceback" not in output
+    code, output = run_cli(monkeypatch, capsys, "index", folder, "--max-memory", "a lot")
+    assert code == 2 and "is not a size" in output
