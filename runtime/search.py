@@ -28,7 +28,7 @@ from mae.core.errors import MAEError, require
 from mae.core.files import atomic_write, cached_sha256, make_dirs
 
 from .embedding_runs import EmbeddingRun, open_run
-from .index import IDS_FILE, INDEX_FILE, INDEX_FORMAT, MANIFEST_FILE, Silent, faiss_module, normalize_rows
+from .index import IDS_FILE, INDEX_FILE, INDEX_FORMAT, MANIFEST_FILE, Silent, faiss_module, normalize_rows, on_gpus
 from .sheets import duplicates_sheet
 
 MAX_DUPLICATE_PAIRS = 10_000_000  # pairs held in memory by a duplicate search; a lower threshold is refused
@@ -140,6 +140,8 @@ def load_index(path: str | os.PathLike, check_sources: bool = True) -> LoadedInd
     index = faiss.read_index(str(root / INDEX_FILE))
     if manifest.get("nprobe"):
         faiss.extract_index_ivf(index).nprobe = int(manifest["nprobe"])
+    elif manifest["plan"]["kind"] == "flat":
+        index = on_gpus(index)
     table = pq.read_table(root / IDS_FILE)
     ids = {
         name: table.column(name).to_numpy()

@@ -218,3 +218,14 @@ def test_cli_index_prints_recall_and_json(clustered, tmp_path, monkeypatch, caps
     assert code == 2 and output.startswith("error: ") and "Traceback" not in output
     code, output = run_cli(monkeypatch, capsys, "index", folder, "--max-memory", "a lot")
     assert code == 2 and "is not a size" in output
+
+
+def test_an_index_that_misses_the_recall_target_says_so_and_how_to_fix_it(tmp_path):
+    """Independent random vectors have no clusters: PQ codes of 8 dimensions lose most neighbours."""
+    vectors = np.random.default_rng(12).standard_normal((3000, 32)).astype(np.float32)
+    folder = synthetic_run(tmp_path / "emb", vectors)
+    manifest = build_index([folder], tmp_path / "index", kind="ivf-pq")
+    assert manifest["recall"]["recall"] < RECALL_TARGET and manifest["recall"]["nprobe"] == manifest["plan"]["nlist"]
+    assert "below 0.95" in manifest["warning"] and "--max-memory" in manifest["warning"]
+    clustered_folder = synthetic_run(tmp_path / "clustered", clustered_vectors(3000, 32, seed=13))
+    assert build_index([clustered_folder], tmp_path / "index2", kind="ivf-flat")["warning"] is None

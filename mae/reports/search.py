@@ -84,6 +84,8 @@ def print_index(manifest: dict[str, Any], out: str) -> None:
             f"{recall['recall']:.3f} against exact search on {recall['sample']} indexed vectors at nprobe "
             f"{recall['nprobe']} ({tried})",
         )
+    if manifest.get("warning"):
+        table.add_row("[red]warning[/red]", manifest["warning"].removeprefix("warning: "))
     table.add_row("embeddings", ", ".join(f"{s['path']} ({s['rows']} rows)" for s in manifest["sources"]))
     table.add_row(
         "made with",
