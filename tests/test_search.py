@@ -146,6 +146,7 @@ def test_a_different_bundle_is_refused_and_a_moved_one_is_accepted(indexed, tmp_
 
 def test_bad_queries_are_messages(indexed, tmp_path, monkeypatch, capsys):
     bundle, originals, variants, index = indexed
+    monkeypatch.chdir(tmp_path)  # where the default --out (search-results) would appear
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     cases = [
@@ -167,6 +168,11 @@ def test_bad_queries_are_messages(indexed, tmp_path, monkeypatch, capsys):
 def test_index_and_search_never_import_torch(indexed, tmp_path):
     bundle, originals, variants, index = indexed
     source = str(Path(load_index(index).manifest["sources"][0]["path"]))
+    for split, numbers in (("train", range(0, 12, 2)), ("val", range(1, 12, 2))):
+        for number in numbers:  # two classes: whole photos and their crops
+            label = "whole" if number % 3 == 0 else "crop"
+            (tmp_path / split / label).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(originals / f"img_{number:02d}.jpg", tmp_path / split / label / f"{number:02d}.jpg")
     script = textwrap.dedent(
         f"""
         import sys
@@ -178,6 +184,10 @@ def test_index_and_search_never_import_torch(indexed, tmp_path):
         result = search([{str(variants / "q40_04.jpg")!r}], {str(tmp_path / "i")!r}, k=2)
         search_sheet(result, {str(tmp_path / "sheet.png")!r})
         find_duplicates({str(tmp_path / "i")!r}, 0.99, {str(tmp_path / "d")!r})
+        from mae.runtime.evaluate import evaluate
+        report = evaluate("knn", {str(tmp_path / "train")!r}, {str(tmp_path / "val")!r}, {str(bundle)!r},
+                          out={str(tmp_path / "eval")!r}, engine="onnx", workers=0, progress=False)
+        assert report["model"]["top1"] is not None, report
         print(result["queries"][0]["neighbours"][0]["path"].rsplit("/", 1)[1])
         """
     )
