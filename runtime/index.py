@@ -37,7 +37,7 @@ import numpy as np
 
 from mae import __version__
 from mae.core.errors import MAEError, require
-from mae.core.files import FolderLock, atomic_write, faults, make_dirs, remove_leftovers, sha256_file, size_text
+from mae.core.files import FolderLock, atomic_write, cached_sha256, faults, make_dirs, remove_leftovers, size_text
 
 from .embedding_runs import EmbeddingRun, check_compatible, open_run
 
@@ -361,9 +361,9 @@ def up_to_date(out: Path, runs: list[EmbeddingRun], options: dict[str, Any]) -> 
         return None
     for name, digest in (manifest.get("files") or {}).items():
         try:
-            if sha256_file(out / name) != digest:
+            if cached_sha256(out / name) != digest:
                 return None
-        except OSError:
+        except (OSError, MAEError):
             return None
     return manifest
 
@@ -454,7 +454,8 @@ def _build(
         "dim": plan.dim,
         "settings": settings,
         "sources": [_source_record(run) for run in runs],
-        "files": {name: sha256_file(root / name) for name in (INDEX_FILE, IDS_FILE)},
+        # Hashed in full now; the cache then answers every later check of these files until they change.
+        "files": {name: cached_sha256(root / name, fresh=True) for name in (INDEX_FILE, IDS_FILE)},
         "build_seconds": round(build_seconds, 3),
         "warning": warning,
     }

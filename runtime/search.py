@@ -45,6 +45,7 @@ class LoadedIndex:
     ids: dict[str, Any]  # columns of ids.parquet: id, source, file, row as int64 arrays; path, key as lists
     notes: list[str] = field(default_factory=list)
     _runs: dict[int, EmbeddingRun | None] = field(default_factory=dict)
+    _searcher: Any = None  # the index that answers k-NN queries (a GPU copy of a flat one where possible)
 
     @property
     def count(self) -> int:
@@ -89,7 +90,9 @@ class LoadedIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.metric == "cosine":
             queries = normalize_rows(queries.copy())
-        return self.index.search(queries, k)
+        if self._searcher is None:  # exact search on GPUs where faiss has some (they have no range search: CPU)
+            self._searcher = on_gpus(self.index) if self.manifest["plan"]["kind"] == "flat" else self.index
+        return self._searcher.search(queries, k)
 
     def row_of_path(self) -> dict[str, int]:
         return {_resolved(path): row for row, path in enumerate(self.ids["path"])}
@@ -140,8 +143,6 @@ def load_index(path: str | os.PathLike, check_sources: bool = True) -> LoadedInd
     index = faiss.read_index(str(root / INDEX_FILE))
     if manifest.get("nprobe"):
         faiss.extract_index_ivf(index).nprobe = int(manifest["nprobe"])
-    elif manifest["plan"]["kind"] == "flat":
-        index = on_gpus(index)
     table = pq.read_table(root / IDS_FILE)
     ids = {
         name: table.column(name).to_numpy()

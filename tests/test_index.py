@@ -229,3 +229,18 @@ def test_an_index_that_misses_the_recall_target_says_so_and_how_to_fix_it(tmp_pa
     assert "below 0.95" in manifest["warning"] and "--max-memory" in manifest["warning"]
     clustered_folder = synthetic_run(tmp_path / "clustered", clustered_vectors(3000, 32, seed=13))
     assert build_index([clustered_folder], tmp_path / "index2", kind="ivf-flat")["warning"] is None
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
+def test_duplicates_across_files_of_an_index(tmp_path, kind):
+    """Rows copied elsewhere in the set (another output file) are found as groups, each pair once."""
+    vectors = clustered_vectors(3000, 16, seed=14)
+    vectors[2500] = vectors[10]  # a pair across files
+    vectors[[2900, 2901]] = vectors[20] * 1.5  # a group of three (cosine ignores the length)
+    folder = synthetic_run(tmp_path / "emb", vectors, shard_size=1000)
+    build_index([folder], tmp_path / "index", kind=kind)
+    from mae.runtime.search import find_duplicates
+
+    summary = find_duplicates(tmp_path / "index", 0.99999, tmp_path / "dups")
+    groups = [sorted(m["id"] for m in group["members"]) for group in summary["largest_groups"]]
+    assert groups[:2] == [[20, 2900, 2901], [10, 2500]] and summary["pairs"] >= 4
