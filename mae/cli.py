@@ -251,6 +251,44 @@ def bench(
     run_bench(**options)
 
 
+# -------------------------------------------------------------------------------------------------- serve
+LogLevel = choices("LogLevel", ("critical", "error", "warning", "info", "debug"))  # uvicorn's
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Bundle directory (mae export).")],
+    engine: EngineOption = EngineName.auto,
+    provider: ProviderOption = Provider.auto,
+    precision: Annotated[
+        ExportPrecision | None, typer.Option(help="Bundle graph (default: auto's choice, else fp32).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="0: any free port (printed).")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images per engine call.")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0.0, help="How long the oldest waiting image waits for more.")
+    ] = 5.0,
+    workers: Annotated[int, typer.Option(min=1, help="Decode threads.")] = 2,
+    max_queue: Annotated[int, typer.Option(min=1, help="Images admitted at once; beyond: 503 + Retry-After.")] = 256,
+    max_images: Annotated[int, typer.Option(min=1, help="Most images in one request; beyond: 413.")] = 64,
+    max_request_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body; beyond: 413.")] = 32.0,
+    resize: Annotated[Resize | None, typer.Option(help="Default: the bundle's (center unless exported otherwise).")] = (
+        None
+    ),
+    drain_seconds: Annotated[
+        float, typer.Option(min=0.0, help="On SIGTERM, how long in-flight requests may take.")
+    ] = 30.0,
+    log_level: Annotated[LogLevel, typer.Option(help="uvicorn's log level.")] = LogLevel.info,
+) -> None:
+    """Serve a bundle over HTTP: POST /v1/embed (batched, as mae embed computes it) and /v1/reconstruct, GET
+    /healthz, /readyz, /metrics (Prometheus), /v1/model; OpenAPI at /docs. SIGTERM drains, then exits 0."""
+    options = plain(locals())  # before the import adds a name
+    from mae.runtime.serve import serve as run_server
+
+    run_server(**options)
+
+
 # --------------------------------------------------------------------------------------------------- info
 @app.command()
 def info(
