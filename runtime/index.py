@@ -368,6 +368,32 @@ def up_to_date(out: Path, runs: list[EmbeddingRun], options: dict[str, Any]) -> 
     return manifest
 
 
+def _refuse_foreign(root: Path) -> None:
+    """`out` must be new, empty or an index folder (perhaps of a killed build): never overwrite someone's files."""
+    if root.exists() and not root.is_dir():
+        raise MAEError(f"--out {root} is a file.", hint="choose a folder for the index")
+    if not root.is_dir():
+        return
+    ours = {INDEX_FILE, IDS_FILE, MANIFEST_FILE, ".lock"}
+    foreign = sorted(
+        entry.name
+        for entry in root.iterdir()
+        if entry.name not in ours and not any(entry.name.startswith(f".{name}.") for name in ours)
+    )
+    manifest = root / MANIFEST_FILE
+    if not foreign and manifest.is_file():
+        try:
+            foreign = [] if json.loads(manifest.read_text()).get("format") == INDEX_FORMAT else [MANIFEST_FILE]
+        except (OSError, ValueError, AttributeError):
+            foreign = [MANIFEST_FILE]
+    if foreign:
+        raise MAEError(
+            f"--out {root} holds files that are not a mae index ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): building there would overwrite or mix with them.",
+            hint="choose a new or empty folder for --out",
+        )
+
+
 def build_index(
     embeddings: list[str | os.PathLike] | str | os.PathLike,
     out: str | os.PathLike,
@@ -402,6 +428,7 @@ def build_index(
     existing = up_to_date(root, runs, options) if root.is_dir() else None
     if existing is not None:
         return {**existing, "up_to_date": True}
+    _refuse_foreign(root)
     make_dirs(root)
     hint = "wait for the other mae index to finish, or choose another --out"
     with FolderLock(root / ".lock", f"{root} (being indexed)", hint):

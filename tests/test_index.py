@@ -244,3 +244,18 @@ def test_duplicates_across_files_of_an_index(tmp_path, kind):
     summary = find_duplicates(tmp_path / "index", 0.99999, tmp_path / "dups")
     groups = [sorted(m["id"] for m in group["members"]) for group in summary["largest_groups"]]
     assert groups[:2] == [[20, 2900, 2901], [10, 2500]] and summary["pairs"] >= 4
+
+
+def test_an_out_folder_holding_other_files_is_left_alone(tmp_path):
+    folder = synthetic_run(tmp_path / "emb", clustered_vectors(20, 8, seed=15))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/index.json").write_text('{"my": "notes"}')
+    with pytest.raises(MAEError, match="holds files that are not a mae index"):
+        build_index([folder], tmp_path / "mine")
+    assert (tmp_path / "mine/index.json").read_text() == '{"my": "notes"}'
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos/cat.jpg").write_bytes(b"x")
+    with pytest.raises(MAEError, match=r"\(cat.jpg\)"):
+        build_index([folder], tmp_path / "photos")
+    with pytest.raises(MAEError, match="is a file"):
+        build_index([folder], tmp_path / "photos/cat.jpg")
