@@ -31,14 +31,19 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def thumbnail(path: str | None, tile: int) -> Image.Image:
-    """The image at `path` fitted into tile x tile (EXIF orientation applied), or a tile saying it is missing."""
+    """The image at `path` fitted into tile x tile, enlarged if smaller (EXIF orientation applied), or a tile saying
+    it cannot be opened."""
     square = Image.new("RGB", (tile, tile), TILE_BACKGROUND)
     try:
         if path is None:
             raise OSError("no file")
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image).convert("RGB")
-            image.thumbnail((tile, tile), Image.Resampling.LANCZOS)
+            scale = min(tile / image.width, tile / image.height)
+            # Small images (digits, icons) are enlarged to fill the tile, by whole pixels so they stay sharp.
+            resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, resample)
             square.paste(image, ((tile - image.width) // 2, (tile - image.height) // 2))
     except (OSError, ValueError, Image.DecompressionBombError):
         ImageDraw.Draw(square).text((8, tile // 2 - 8), "cannot open", fill=MUTED, font=_font(14))
