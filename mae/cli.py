@@ -362,13 +362,21 @@ def eval_command(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where everything is written.")] = Path("mae-demo"),
-    minutes: Annotated[float, typer.Option(help="Training budget.")] = 3.0,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Pretraining budget in optimizer steps (default 1500); the expected time here is printed first."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    minutes: Annotated[
+        float | None, typer.Option(hidden=True, help="Deprecated: converted to steps at the reference CPU's speed.")
+    ] = None,
 ) -> None:
-    """Pretrain, export, reconstruct, embed and benchmark on photos shipped with scikit-image/-learn."""
+    """Pretrain, export, reconstruct, evaluate, search and benchmark on the digits shipped with scikit-learn."""
     from .demo import run_demo
 
-    run_demo(out=out, minutes=minutes, seed=seed)
+    run_demo(out=out, steps=steps, seed=seed, minutes=minutes)
 
 
 # -------------------------------------------------------------------------------------------------- index
