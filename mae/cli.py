@@ -402,6 +402,10 @@ def index(
         bool, typer.Option("--verify/--no-verify", help="Check every embedding file's sha256 against its marker.")
     ] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print index.json instead of the table.")] = False,
+    rerank: Annotated[
+        int | None,
+        typer.Option(min=0, max=1000, help="ivf-pq: order k x N candidates by exact scores (default 10; 0: off)."),
+    ] = None,
 ) -> None:
     """Build a faiss index over mae embed folders; measures recall@10 against exact search and prints it.
 

@@ -82,6 +82,16 @@ class EmbeddingRun:
             )
         return array if array.dtype == np.float32 else array.astype(np.float32)
 
+    def take(self, number: int, offsets: np.ndarray) -> np.ndarray:
+        """float32 [len(offsets), D]: rows `offsets` (any order) of output file `number`, read through a memory map
+        (only those rows are read and widened, whatever the file's dtype)."""
+        path = OutputFolder(self.root).path("embeddings", number)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return np.asarray(array[np.asarray(offsets, dtype=np.int64)], dtype=np.float32).reshape(len(offsets), -1)
+        except (OSError, ValueError, IndexError) as exc:
+            raise MAEError(f"Cannot read {path}: {exc}", hint=f"run mae embed into {self.root} again") from exc
+
     def metadata(self, number: int, columns: tuple[str, ...] = ("path", "key")) -> dict[str, list[Any]]:
         """Columns of metadata/NNNNN.parquet, row-aligned with `vectors(number)`."""
         pq = require("pyarrow.parquet", "cpu", "Reading embedding metadata (parquet)")

@@ -14,6 +14,13 @@ product-quantized codes (`ivf-pq`: m bytes a vector, m the largest divisor of D 
 approximate index is measured on a seeded sample of the indexed vectors against exact search over all of them,
 and `nprobe` is the smallest power of two that reaches RECALL_TARGET (or nlist): both printed and recorded.
 
+Re-ranking (`ivf-pq`): codes rank neighbours only roughly, so a k-NN search asks them for k x `rerank` candidates
+(RERANK_FACTOR by default) and orders those by their exact scores, computed from the vectors in the embedding
+folders (memory-mapped: only the candidates' rows are read, the index's memory budget is not touched). The recall
+measured and recorded is that of the re-ranked search, beside the codes' own; the scores returned are exact. The
+codes' score error (99th percentile of |code score - exact score| over the sampled candidates) is recorded too:
+`mae search --duplicates` searches that much below its threshold, then keeps the pairs whose exact score reaches it.
+
 Metric: `cosine` (the default; vectors scaled to unit length, the inner product is then the cosine) or `ip`
 (inner product of the vectors as stored: for `--l2-normalize` embeddings the two are the same).
 
@@ -29,6 +36,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +62,8 @@ TRAIN_POINTS_PER_LIST = 64  # faiss warns below 39 points per centroid; more cos
 ADD_CHUNK = 65536
 PQ_MAX_M = 96  # bytes per vector of an ivf-pq index: 768-d vectors as 96 codes of 8 dimensions
 ID_BYTES = 8  # an inverted list stores a 64-bit id beside each vector or code
+RERANK_FACTOR = 10  # ivf-pq: candidates per neighbour wanted, ordered by their exact scores
+RERANK_CHUNK = 64  # queries re-ranked at a time (64 x 10k candidates x 768 floats: 200 MB at k = 1000)
 
 
 class IndexProgress(Protocol):
@@ -274,47 +284,106 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.nda
     return ids
 
 
+def rerank(
+    queries: np.ndarray, candidates: np.ndarray, exact: Callable[[np.ndarray], np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [Q, k], ids [Q, k]): the k best of each query's `candidates` ([Q, C] ids, -1 for none) by the
+    inner product with their exact vectors (`exact(ids)` -> float32 [len(ids), D], as the index compares them).
+    Ties keep the candidates' order; missing ones (-1) come last with score -inf, as faiss fills them."""
+    count, width = candidates.shape
+    k = min(k, width)
+    scores = np.full((count, k), -np.inf, dtype=np.float32)
+    found = np.full((count, k), -1, dtype=np.int64)
+    for start in range(0, count, RERANK_CHUNK):
+        rows = slice(start, min(count, start + RERANK_CHUNK))
+        ids = candidates[rows]
+        valid = ids >= 0
+        vectors = np.zeros((*ids.shape, queries.shape[1]), dtype=np.float32)
+        if valid.any():
+            vectors[valid] = exact(ids[valid])
+        exact_scores = np.einsum("qd,qcd->qc", queries[rows], vectors)
+        exact_scores[~valid] = -np.inf
+        order = np.argsort(-exact_scores, axis=1, kind="stable")[:, :k]
+        scores[rows] = np.take_along_axis(exact_scores, order, axis=1)
+        found[rows] = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(ids, order, axis=1), -1)
+    return scores, found
+
+
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean share of each query's true k neighbours that `found` has (both [Q, k])."""
     hits = [len(set(mine.tolist()) & set(true.tolist())) for mine, true in zip(found, truth, strict=True)]
     return float(np.sum(hits) / truth.size) if truth.size else 1.0
 
 
-def measure_recall(index: Any, plan: IndexPlan, vectors: np.ndarray, seed: int, progress: IndexProgress) -> dict:
-    """Recall@k against exact search on a seeded sample of the indexed vectors, and the nprobe it was reached at."""
+def measure_recall(
+    index: Any, plan: IndexPlan, vectors: np.ndarray, seed: int, progress: IndexProgress, factor: int = 0
+) -> dict:
+    """Recall@k against exact search on a seeded sample of the indexed vectors, and the nprobe it was reached at;
+    with `factor` (ivf-pq re-ranking) the recall of k x factor candidates ordered by exact scores, beside the codes'
+    own (`recall_codes`), and the codes' score error (see the module docstring)."""
     k = min(RECALL_K, len(vectors))
     sample = min(RECALL_SAMPLE, len(vectors))
     rows = np.sort(np.random.default_rng(seed + 1).choice(len(vectors), size=sample, replace=False))
     queries = np.ascontiguousarray(vectors[rows])
     if plan.kind == "flat":
-        return {"k": k, "sample": sample, "recall": 1.0, "nprobe": None, "exact": True, "tried": []}
+        return {"k": k, "sample": sample, "recall": 1.0, "nprobe": None, "exact": True, "tried": [], "rerank": 0}
     faiss = faiss_module()
     progress.stage(f"recall@{k} on {sample} queries", 1)
     truth = exact_neighbours(vectors, queries, k)
     ivf = faiss.extract_index_ivf(index)
-    tried = []
+    tried, error = [], 0.0
     nprobe = 1
     while True:
         ivf.nprobe = nprobe
-        started = time.perf_counter()
-        _, found = index.search(queries, k)
-        seconds = time.perf_counter() - started
-        recall = recall_at(found, truth)
-        tried.append({"nprobe": nprobe, "recall": round(recall, 4), "ms_per_query": round(1e3 * seconds / sample, 4)})
-        if recall >= RECALL_TARGET or nprobe >= plan.nlist:
+        entry, error = _trial(index, queries, vectors, truth, factor)
+        tried.append({"nprobe": nprobe, **entry})
+        if entry["recall"] >= RECALL_TARGET or nprobe >= plan.nlist:
             break
         nprobe = min(plan.nlist, nprobe * 2)
     progress.advance(1)
-    best = tried[-1]
-    ivf.nprobe = best["nprobe"]
-    return {
+    best_entry = tried[-1]
+    ivf.nprobe = best_entry["nprobe"]
+    measured = {
         "k": k,
         "sample": sample,
-        "recall": best["recall"],
-        "nprobe": best["nprobe"],
+        "recall": best_entry["recall"],
+        "nprobe": best_entry["nprobe"],
         "exact": False,
         "tried": tried,
+        "rerank": factor,
     }
+    if factor:
+        measured["recall_codes"] = best_entry["recall_codes"]
+        measured["score_error"] = round(error, 6)
+    return measured
+
+
+def _trial(
+    index: Any, queries: np.ndarray, vectors: np.ndarray, truth: np.ndarray, factor: int
+) -> tuple[dict[str, float], float]:
+    """One nprobe of `measure_recall`: ({recall, [recall_codes,] ms_per_query}, the codes' score error)."""
+    k = truth.shape[1]
+    started = time.perf_counter()
+    coded, found = index.search(queries, min(len(vectors), k * factor) if factor else k)
+    if not factor:
+        seconds = time.perf_counter() - started
+        entry = {"recall": round(recall_at(found, truth), 4), "ms_per_query": round(1e3 * seconds / len(queries), 4)}
+        return entry, 0.0
+    _, best = rerank(queries, found, lambda ids: vectors[ids], k)
+    seconds = time.perf_counter() - started
+    errors = []
+    for start in range(0, len(queries), RERANK_CHUNK):  # |code score - exact score| of every candidate
+        ids = found[start : start + RERANK_CHUNK]
+        valid = ids >= 0
+        exact_scores = np.einsum("qd,qcd->qc", queries[start : start + RERANK_CHUNK], vectors[np.maximum(ids, 0)])
+        errors.append(np.abs(coded[start : start + RERANK_CHUNK] - exact_scores)[valid])
+    spread = np.concatenate(errors)
+    entry = {
+        "recall": round(recall_at(best, truth), 4),
+        "recall_codes": round(recall_at(found[:, :k], truth), 4),
+        "ms_per_query": round(1e3 * seconds / len(queries), 4),
+    }
+    return entry, float(np.percentile(spread, 99)) if len(spread) else 0.0
 
 
 def _recall_warning(plan: IndexPlan, recall: dict[str, Any]) -> str | None:
@@ -324,6 +393,8 @@ def _recall_warning(plan: IndexPlan, recall: dict[str, Any]) -> str | None:
     if plan.kind == "ivf-pq":
         exact_size = size_text(plan.count * (plan.dim * 4 + ID_BYTES) + plan.nlist * plan.dim * 4)
         remedy = f"give --max-memory {exact_size} or more for exact vectors (ivf-flat)"
+        if recall.get("rerank", 0) < 100:
+            remedy += f", or re-rank more candidates (--rerank {max(2 * recall.get('rerank', 0), RERANK_FACTOR)})"
     else:
         remedy = "these vectors have little cluster structure; --kind flat searches exactly"
     return (
@@ -343,8 +414,8 @@ def _source_record(run: EmbeddingRun) -> dict[str, Any]:
     }
 
 
-def _options_record(metric: str, kind: str, max_memory: int | None, seed: int) -> dict[str, Any]:
-    return {"metric": metric, "kind": kind, "max_memory": max_memory, "seed": seed}
+def _options_record(metric: str, kind: str, max_memory: int | None, seed: int, rerank: int) -> dict[str, Any]:
+    return {"metric": metric, "kind": kind, "max_memory": max_memory, "seed": seed, "rerank": rerank}
 
 
 def up_to_date(out: Path, runs: list[EmbeddingRun], options: dict[str, Any]) -> dict[str, Any] | None:
@@ -403,15 +474,21 @@ def build_index(
     seed: int = 0,
     verify: bool = True,
     progress: IndexProgress | None = None,
+    rerank: int | None = None,
 ) -> dict[str, Any]:
     """Index every vector of the finished embedding folders `embeddings` into `out`; returns index.json's content
     (with "up_to_date": True when an identical index was there already and nothing was built).
 
     verify: check every embedding file against its done marker's sha256 first (reads them in full).
+    rerank: for ivf-pq, candidates per neighbour ordered by exact scores at search time (None: RERANK_FACTOR;
+    0: the codes' order).
     """
     report = progress or Silent()
     if metric not in METRICS:
         raise MAEError(f"Unknown metric {metric!r}.", hint="use cosine or ip")
+    rerank = RERANK_FACTOR if rerank is None else rerank
+    if isinstance(rerank, bool) or not isinstance(rerank, int) or not 0 <= rerank <= 1000:
+        raise MAEError(f"--rerank {rerank!r} is not a whole number from 0 to 1000.", hint="e.g. --rerank 10 (0: off)")
     sources = [embeddings] if isinstance(embeddings, (str, os.PathLike)) else list(embeddings)
     runs = [open_run(path, verify=verify) for path in sources]
     settings = check_compatible(runs)
@@ -423,7 +500,7 @@ def build_index(
         )
     budget = parse_size(max_memory)
     plan = plan_index(count, runs[0].dim, budget, kind)
-    options = _options_record(metric, kind, budget, seed)
+    options = _options_record(metric, kind, budget, seed, rerank if plan.kind == "ivf-pq" else 0)
     root = Path(out)
     existing = up_to_date(root, runs, options) if root.is_dir() else None
     if existing is not None:
@@ -455,7 +532,7 @@ def _build(
         vectors = load_vectors(runs, options["metric"], progress)
         index = _train_and_add(plan, vectors, seed, progress)
         build_seconds = time.perf_counter() - started
-        recall = measure_recall(index, plan, vectors, seed, progress)
+        recall = measure_recall(index, plan, vectors, seed, progress, options["rerank"])
         warning = _recall_warning(plan, recall)
         if warning:
             progress.note(warning)
@@ -476,6 +553,7 @@ def _build(
         "plan": asdict(plan),
         "factory": plan.factory(),
         "nprobe": recall["nprobe"],
+        "rerank": options["rerank"],
         "recall": recall,
         "count": plan.count,
         "dim": plan.dim,

@@ -28,11 +28,22 @@ from mae.core.errors import MAEError, require
 from mae.core.files import atomic_write, cached_sha256, make_dirs
 
 from .embedding_runs import EmbeddingRun, open_run
-from .index import IDS_FILE, INDEX_FILE, INDEX_FORMAT, MANIFEST_FILE, Silent, faiss_module, normalize_rows, on_gpus
+from .index import (
+    IDS_FILE,
+    INDEX_FILE,
+    INDEX_FORMAT,
+    MANIFEST_FILE,
+    Silent,
+    faiss_module,
+    normalize_rows,
+    on_gpus,
+    rerank,
+)
 from .sheets import duplicates_sheet
 
 MAX_DUPLICATE_PAIRS = 10_000_000  # pairs held in memory by a duplicate search; a lower threshold is refused
 DUPLICATE_CHUNK = 4096  # query vectors per range search
+RESCORE_CHUNK = 16384  # candidate pairs scored exactly at a time (16k x 768 floats: 50 MB)
 
 
 @dataclass
@@ -85,14 +96,48 @@ class LoadedIndex:
         vectors = np.concatenate(parts) if parts else np.zeros((0, self.manifest["dim"]), np.float32)
         return normalize_rows(vectors) if self.metric == "cosine" else vectors
 
+    def exact(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), D]: the exact vectors of ids `rows` (any order), memory-mapped from their embedding
+        folders, file by file; unit length for a cosine index. Callers check `reranks` (every folder present)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        vectors = np.empty((len(rows), self.manifest["dim"]), dtype=np.float32)
+        sources, files, offsets = (self.ids[name][rows] for name in ("source", "file", "row"))
+        keys = sources.astype(np.int64) << 32 | files.astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        bounds = np.flatnonzero(np.diff(keys[order])) + 1
+        for group in np.split(order, bounds) if len(rows) else []:
+            source = int(sources[group[0]])
+            run = self.run(source)
+            if run is None:
+                raise MAEError(
+                    f"{self.manifest['sources'][source]['path']} (embedded into this index) is gone: its exact "
+                    "vectors cannot be read.",
+                    hint="restore the folder, or run mae index again on what is there",
+                )
+            vectors[group] = run.take(int(files[group[0]]), offsets[group])
+        return normalize_rows(vectors) if self.metric == "cosine" else vectors
+
+    @property
+    def reranks(self) -> int:
+        """Candidates per neighbour ordered by exact scores (ivf-pq with every embedding folder present), else 0."""
+        factor = int(self.manifest.get("rerank") or 0)
+        if factor and all(self.run(source) is not None for source in range(len(self.manifest["sources"]))):
+            return factor
+        return 0
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [Q, k], ids [Q, k]) of the k nearest indexed vectors (faiss fills missing ones with -1)."""
+        """(scores [Q, k], ids [Q, k]) of the k nearest indexed vectors (faiss fills missing ones with -1); an
+        ivf-pq index's k x rerank candidates ordered by their exact scores (see mae.runtime.index)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.metric == "cosine":
             queries = normalize_rows(queries.copy())
         if self._searcher is None:  # exact search on GPUs where faiss has some (they have no range search: CPU)
             self._searcher = on_gpus(self.index) if self.manifest["plan"]["kind"] == "flat" else self.index
-        return self._searcher.search(queries, k)
+        factor = self.reranks
+        if not factor:
+            return self._searcher.search(queries, k)
+        _, candidates = self._searcher.search(queries, min(self.count, k * factor))
+        return rerank(queries, candidates, self.exact, k)
 
     def row_of_path(self) -> dict[str, int]:
         return {_resolved(path): row for row, path in enumerate(self.ids["path"])}
@@ -158,7 +203,10 @@ def _check_sources(manifest: dict[str, Any]) -> list[str]:
     for source in manifest["sources"]:
         path = Path(source["path"])
         if not (path / "run.json").is_file():
-            notes.append(f"note: {path} (embedded into this index) is gone; neighbours still come from the index")
+            approximate = "; scores are the codes' approximations" if manifest.get("rerank") else ""
+            notes.append(
+                f"note: {path} (embedded into this index) is gone; neighbours still come from the index{approximate}"
+            )
             continue
         try:
             checksum = open_run(path, verify=False).checksum
@@ -312,18 +360,29 @@ def _neighbours(loaded: LoadedIndex, query: Query, scores: np.ndarray, found: np
 # ----------------------------------------------------------------------------------------------- duplicates
 def duplicate_pairs(loaded: LoadedIndex, threshold: float, progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """(pairs int64 [P, 2] with a < b, scores float32 [P]) of every two indexed vectors scoring above
-    `threshold`, highest first."""
+    `threshold`, highest first. An ivf-pq index with its embedding folders is searched the codes' measured score
+    error below `threshold`, and its pairs kept by their exact scores (see mae.runtime.index)."""
     report = progress or Silent()
     count = loaded.count
     report.stage(f"pairs above {threshold}", count)
+    exact = bool(loaded.reranks)
+    margin = float(loaded.manifest["recall"].get("score_error", 0.0)) if exact else 0.0
     firsts, seconds, values = [], [], []
     total = 0
     for start in range(0, count, DUPLICATE_CHUNK):
         rows = range(start, min(count, start + DUPLICATE_CHUNK))
-        block = loaded.block(rows.start, rows.stop)
-        limits, scores, found = loaded.index.range_search(np.ascontiguousarray(block), float(threshold))
+        block = np.ascontiguousarray(loaded.block(rows.start, rows.stop))
+        limits, scores, found = loaded.index.range_search(block, float(threshold) - margin)
         owners = np.repeat(np.arange(rows.start, rows.stop), np.diff(limits.astype(np.int64)))
         keep = found > owners  # each pair once, never an image with itself
+        if exact and keep.any():
+            owners, found = owners[keep], found[keep]
+            scores = np.concatenate([
+                np.einsum("pd,pd->p", block[owners[i : i + RESCORE_CHUNK] - rows.start],
+                          loaded.exact(found[i : i + RESCORE_CHUNK]))
+                for i in range(0, len(found), RESCORE_CHUNK)
+            ])  # fmt: skip
+            keep = scores > threshold
         firsts.append(owners[keep])
         seconds.append(found[keep])
         values.append(scores[keep])

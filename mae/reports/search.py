@@ -53,11 +53,11 @@ class StageBar:
 
 # ---------------------------------------------------------------------------------------------------- index
 def run_index(embeddings: list[str], out: str, metric: str, kind: str, max_memory: str | None, seed: int,
-              verify: bool, json_output: bool) -> dict[str, Any]:  # fmt: skip
+              verify: bool, json_output: bool, rerank: int | None = None) -> dict[str, Any]:  # fmt: skip
     """`mae index`: build (or find up to date) the index, then say what it is and how good its recall is."""
     from mae.runtime.index import build_index  # faiss and the runtime only when the command runs
 
-    manifest = build_index(embeddings, out, metric, kind, max_memory, seed, verify, progress=StageBar())
+    manifest = build_index(embeddings, out, metric, kind, max_memory, seed, verify, StageBar(), rerank)
     if json_output:
         print(json.dumps(manifest, indent=2))
     else:
@@ -84,6 +84,12 @@ def print_index(manifest: dict[str, Any], out: str) -> None:
             f"{recall['recall']:.3f} against exact search on {recall['sample']} indexed vectors at nprobe "
             f"{recall['nprobe']} ({tried})",
         )
+        if recall.get("rerank"):
+            table.add_row(
+                "re-ranking",
+                f"{recall['k']} x {recall['rerank']} candidates by their exact vectors (the codes alone: recall "
+                f"{recall['recall_codes']:.3f}; score error {recall['score_error']:.4f}, 99th percentile)",
+            )
     if manifest.get("warning"):
         table.add_row("[red]warning[/red]", manifest["warning"].removeprefix("warning: "))
     table.add_row("embeddings", ", ".join(f"{s['path']} ({s['rows']} rows)" for s in manifest["sources"]))
