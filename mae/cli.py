@@ -165,7 +165,7 @@ def reconstruct(
         ),
     ] = None,
     mask_ratio: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.75,
-    seed: Annotated[int | None, typer.Option(help="Masking seed.")] = 0,
+    seed: Annotated[int | None, typer.Option(min=0, help="Masking seed.")] = 0,
     noise: Annotated[Path | None, typer.Option(help="Noise array [N, L] (.npy), smallest kept.")] = None,
     resize: Annotated[Resize, typer.Option()] = Resize.center,
     out: Annotated[Path, typer.Option(help="Output PNG (one image) or directory.")] = Path("reconstructions"),
@@ -368,7 +368,7 @@ def demo(
             min=1, help="Pretraining budget in optimizer steps (default 1500); the expected time here is printed first."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
     minutes: Annotated[
         float | None, typer.Option(hidden=True, help="Deprecated: converted to steps at the reference CPU's speed.")
     ] = None,
@@ -397,7 +397,9 @@ def index(
     max_memory: Annotated[
         str | None, typer.Option(help="Memory budget of the index, e.g. 4GiB (default: a quarter of this machine's).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the training sample and k-means (same seed, same index).")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the training sample and k-means (same seed, same index).")
+    ] = 0,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Check every embedding file's sha256 against its marker.")
     ] = True,

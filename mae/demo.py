@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -281,7 +282,22 @@ def pretrain(
         precision="fp32", out=run_dir, seed=seed, workers=1, save_every=max(1, epochs), preview_images=4,
         repeat=repeat, resume=(run_dir / "checkpoint.pt").exists(), progress=progress,
     )  # fmt: skip
-    result = run_training(options, RichTrainReporter())
+    try:
+        result = run_training(options, RichTrainReporter())
+    except MAEError as exc:  # the trainer's hint names --resume, which the demo has no option for
+        differences = exc.message.partition("was written by a run with other settings: ")[2]
+        if not differences:
+            raise
+        raise MAEError(
+            f"{out} holds a demo trained with other settings ({differences}).",
+            hint=f"rerun with that run's --steps and --seed, choose another --out, or delete {run_dir}",
+        ) from exc
+    if result.stopped == "interrupted":  # the trainer saved a checkpoint: the next run continues from it
+        console.print(
+            f"[yellow]Pretraining stopped at step {result.global_step} of {planned}; its checkpoint is saved.[/] "
+            f"Run mae demo --out {out} again to continue (the later steps need the finished model)."
+        )
+        raise KeyboardInterrupt
     figures = {
         "preset": PRESET,
         "steps": result.global_step,
@@ -384,6 +400,7 @@ def evaluate_embeddings(out: Path, digits: Digits, bundle_dir: Path, progress: b
     every CPU) on the training digits -> the held-out ones, each beside raw pixels; the second reuses the
     embeddings of the first."""
     results: dict[str, Any] = {"out": str(out / "eval"), "pool": POOL}
+    drop_stale_embeddings(out / "eval", bundle_dir)
     for kind in ("knn", "linear"):
         report = evaluate(
             kind, digits.train, digits.val, bundle_dir, out=out / "eval", engine="onnx", precision="fp32", pool=POOL,
@@ -399,6 +416,26 @@ def evaluate_embeddings(out: Path, digits: Digits, bundle_dir: Path, progress: b
         }
     results["train_embeddings"] = str(out / "eval" / "embeddings" / "train")
     return results
+
+
+def drop_stale_embeddings(folder: Path, bundle_dir: Path) -> None:
+    """Remove the demo's own `mae eval` folder when its embeddings were made by another model than `bundle_dir`'s
+    (a rerun that trained further, e.g. after an interrupted one): `mae eval` rightly refuses to mix models in one
+    folder, and this one holds nothing but what the demo derives again."""
+    from mae.runtime.embed import model_checksum
+
+    runs = sorted(folder.glob("embeddings/*/run.json"))
+    if not runs:
+        return
+    current = model_checksum(str(bundle_dir), "onnx", "fp32")
+    for run in runs:
+        try:
+            recorded = json.loads(run.read_text()).get("params", {}).get("model_sha256")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != current:
+            shutil.rmtree(folder)
+            return
 
 
 def search_digits(

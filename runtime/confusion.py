@@ -28,6 +28,7 @@ MAX_PANEL_SIDE = 720  # pixels of a panel's matrix at most, whatever the number 
 MAX_CELL, MIN_CELL_FOR_COUNTS, MIN_CELL_FOR_NAMES = 44, 22, 11
 MAX_NAME_CHARS = 18
 MARGIN, GAP, TITLE_HEIGHT, BAR_WIDTH = 16, 40, 44, 14
+SUBTITLE = "rows: true class, columns: predicted"
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -64,16 +65,19 @@ class ConfusionLayout:
     cell: int  # side of a cell, pixels
     name_width: int  # room for the row names (and the height of the column names)
     total_width: int  # room for the row totals right of each matrix
+    title_width: int = 0  # the widest panel title or subtitle: a panel is never narrower (2 classes, long titles)
 
     @classmethod
-    def of(cls, class_names: Sequence[str], panels: int) -> ConfusionLayout:
+    def of(cls, class_names: Sequence[str], panels: int, titles: Sequence[str] = ()) -> ConfusionLayout:
         count = max(1, len(class_names))
         cell = max(1, min(MAX_CELL, MAX_PANEL_SIDE // count))
         name_width = 0
         if cell >= MIN_CELL_FOR_NAMES:
             font = _font(cls.font_size(cell))
             name_width = 8 + max(round(font.getlength(short_name(name))) for name in class_names)
-        return cls(count, panels, cell, name_width, 44 if cell >= MIN_CELL_FOR_NAMES else 0)
+        widths = [_font(15).getlength(title) for title in titles] + [_font(11).getlength(SUBTITLE)]
+        title_width = round(max(widths)) + 8
+        return cls(count, panels, cell, name_width, 44 if cell >= MIN_CELL_FOR_NAMES else 0, title_width)
 
     @staticmethod
     def font_size(cell: int) -> int:
@@ -85,7 +89,7 @@ class ConfusionLayout:
 
     @property
     def panel_width(self) -> int:
-        return self.name_width + self.matrix_side + self.total_width
+        return max(self.name_width + self.matrix_side + self.total_width, self.title_width)
 
     @property
     def top(self) -> int:
@@ -131,8 +135,7 @@ def _draw_panel(canvas: Image.Image, layout: ConfusionLayout, index: int, panel:
     totals = matrix.sum(axis=1)
     left = layout.matrix_left(index)
     draw.text((left - layout.name_width, MARGIN), panel.title, fill=TEXT_COLOUR, font=_font(15))
-    draw.text((left - layout.name_width, MARGIN + 20), "rows: true class, columns: predicted", fill=TEXT_COLOUR,
-              font=_font(11))  # fmt: skip
+    draw.text((left - layout.name_width, MARGIN + 20), SUBTITLE, fill=TEXT_COLOUR, font=_font(11))
     for row in range(layout.num_classes):
         for column in range(layout.num_classes):
             count = int(matrix[row, column])
@@ -169,11 +172,12 @@ def _draw_colour_bar(canvas: Image.Image, layout: ConfusionLayout) -> None:
 
 
 def confusion_picture(panels: Sequence[ConfusionPanel], class_names: Sequence[str]) -> Image.Image:
-    """The panels side by side with one colour bar; the size is `ConfusionLayout.of(class_names, len(panels))`."""
+    """The panels side by side with one colour bar; the size is `ConfusionLayout.of(class_names, len(panels),
+    titles)`."""
     for panel in panels:
         if np.shape(panel.matrix) != (len(class_names), len(class_names)):
             raise ValueError(f"{panel.title}: a {np.shape(panel.matrix)} matrix for {len(class_names)} classes")
-    layout = ConfusionLayout.of(class_names, len(panels))
+    layout = ConfusionLayout.of(class_names, len(panels), [panel.title for panel in panels])
     canvas = Image.new("RGB", layout.size, "white")
     for index, panel in enumerate(panels):
         _draw_panel(canvas, layout, index, panel, class_names)

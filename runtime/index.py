@@ -486,6 +486,8 @@ def build_index(
     report = progress or Silent()
     if metric not in METRICS:
         raise MAEError(f"Unknown metric {metric!r}.", hint="use cosine or ip")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MAEError(f"--seed {seed!r} is not a whole number >= 0.", hint="e.g. --seed 0")
     rerank = RERANK_FACTOR if rerank is None else rerank
     if isinstance(rerank, bool) or not isinstance(rerank, int) or not 0 <= rerank <= 1000:
         raise MAEError(f"--rerank {rerank!r} is not a whole number from 0 to 1000.", hint="e.g. --rerank 10 (0: off)")

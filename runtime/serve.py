@@ -281,9 +281,20 @@ class UploadDecoder:
         self.folder = Path(tempfile.mkdtemp(prefix="mae-serve-", dir=shm if os.access(shm, os.W_OK) else None))
 
     def write(self, uploads: list[Upload]) -> list[Path]:
+        """Each upload in a file of its own; all of them removed again if one cannot be written (e.g. /dev/shm
+        full: a 503 the client may retry, never files left behind that would fill it further)."""
         paths = [self.folder / f"{uuid.uuid4().hex}-{index}" for index in range(len(uploads))]
-        for path, upload in zip(paths, uploads, strict=True):
-            path.write_bytes(upload.data)
+        try:
+            for path, upload in zip(paths, uploads, strict=True):
+                path.write_bytes(upload.data)
+        except OSError as exc:
+            for path in paths:
+                path.unlink(missing_ok=True)
+            LOG.warning("cannot store an upload in %s: %s", self.folder, exc)
+            raise HTTPProblem(
+                503, "no_space", f"the server cannot hold the upload now ({exc.strerror or exc}); retry later",
+                headers={"Retry-After": "1"},
+            ) from exc  # fmt: skip
         return paths
 
     def decode(self, uploads: list[Upload]) -> DecodedChunk:
@@ -316,6 +327,7 @@ class Ticket:
         self.latent: np.ndarray | None = None  # [n, 1+L, D], allocated at the first row
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
+        self.failed = False  # set by the engine thread: the rest of its rows are not run
 
     def fill(self, row: int, latent_row: np.ndarray) -> None:
         if self.latent is None:
@@ -326,6 +338,7 @@ class Ticket:
             self.loop.call_soon_threadsafe(self._settle, self.latent, None)
 
     def fail(self, error: BaseException) -> None:
+        self.failed = True
         self.loop.call_soon_threadsafe(self._settle, None, error)
 
     def _settle(self, latent: np.ndarray | None, error: BaseException | None) -> None:
@@ -448,6 +461,9 @@ class Batcher:
                     LOG.exception("the engine failed on a batch of %d images", len(work))
                     for ticket in {id(item.ticket): item.ticket for item in work}.values():
                         ticket.fail(exc)
+                    with self.ready:  # the failed requests' other rows (a request larger than a batch) never run
+                        self.queue = deque(item for item in self.queue if not item.ticket.failed)
+                        self.metrics.queue_depth.set(len(self.queue))
 
     def _run(self, batch: list[_Item]) -> None:
         """One engine call, the way `mae embed` makes it: stacked float32 pixels, every patch kept, padded with
@@ -627,7 +643,9 @@ def reconstruction_reply(result: ReconstructionResult, name: str, npz: bool) -> 
     patches in headers either way."""
     result.names = [name]  # the picture's row label: the client's name, not our temporary file
     psnr, mse = float(result.metrics.psnr[0]), float(result.metrics.mse[0])
-    headers = {"X-MAE-PSNR": f"{psnr:.4f}", "X-MAE-MSE": f"{mse:.6f}", "X-MAE-Mask-Ratio": str(result.mask_ratio)}
+    headers = {"X-MAE-Mask-Ratio": str(result.mask_ratio)}
+    if math.isfinite(mse):  # NaN when nothing was removed (mask_ratio 0): no measure, so no header
+        headers.update({"X-MAE-PSNR": f"{psnr:.4f}", "X-MAE-MSE": f"{mse:.6f}"})
     buffer = io.BytesIO()
     if npz:
         np.savez(buffer, **result.arrays(), psnr=result.metrics.psnr, mse=result.metrics.mse)
@@ -695,7 +713,7 @@ class Service:
             self.metrics.images.labels("/v1/embed").inc(len(uploads))
             return reply
         finally:
-            if ticket is not None and not ticket.future.done():
+            if ticket is not None:  # its rows leave the queue before its slots are freed (a no-op once done)
                 self.batcher.cancel(ticket)
             self.admission.release(len(uploads))
 
@@ -725,6 +743,8 @@ class Service:
                 result = await _unless_gone(future, gone)
             except ImageError as exc:  # decoded once already, so unlikely; named after the client's file all the same
                 raise HTTPProblem(400, "bad_image", exc.message.replace(str(path), upload.name)) from exc
+            except MAEError as exc:  # what reconstruct refuses is the request's fault, not the server's
+                raise HTTPProblem(400, "bad_request", exc.message.replace(str(path), upload.name)) from exc
             finally:
                 future.cancel()  # a no-op once done; else the engine thread skips it
                 path.unlink(missing_ok=True)
@@ -1099,6 +1119,11 @@ def _add_embed_route(app: Any, service: Service, fastapi: Any) -> None:
     responses = {
         200: {
             "description": "one vector (or token matrix) per image, in request order",
+            "headers": {
+                "X-MAE-Shape": {"description": "the array's shape, comma-separated", "schema": {"type": "string"}},
+                "X-MAE-Pool": {"description": "the pooling used", "schema": {"type": "string"}},
+                "X-MAE-Model-SHA256": {"description": "sha256 of the model that ran", "schema": {"type": "string"}},
+            },
             "content": {
                 "application/json": {"schema": _EMBED_JSON},
                 "application/octet-stream": {
@@ -1130,7 +1155,11 @@ def _add_reconstruct_route(app: Any, service: Service, fastapi: Any) -> None:
 
     headers = {
         name: {"description": text, "schema": {"type": "number"}}
-        for name, text in (("X-MAE-PSNR", "PSNR (dB) on the removed patches"), ("X-MAE-MSE", "MSE there"))
+        for name, text in (
+            ("X-MAE-PSNR", "PSNR (dB) on the removed patches (absent when none is removed: mask_ratio 0)"),
+            ("X-MAE-MSE", "MSE there (absent likewise)"),
+            ("X-MAE-Mask-Ratio", "the mask ratio used"),
+        )
     }
     responses = {
         200: {
@@ -1155,7 +1184,7 @@ def _add_reconstruct_route(app: Any, service: Service, fastapi: Any) -> None:
     async def reconstruct_image(
         request: Request,
         mask_ratio: float = Query(0.75, ge=0.0, lt=1.0, description="share of the patches removed"),
-        seed: int = Query(0, description="the masking noise's seed, as mae reconstruct --seed"),
+        seed: int = Query(0, ge=0, le=2**63 - 1, description="the masking noise's seed, as mae reconstruct --seed"),
         format: Literal["png", "npz"] | None = Query(None, description="default: npz for Accept: application/x-npz"),
     ) -> Any:
         """Reconstruct one masked image as `mae reconstruct` does; PSNR and MSE of the removed patches in headers."""
@@ -1226,8 +1255,11 @@ def serve(
     settings.check()
     uvicorn = require("uvicorn", "serve", "mae serve")
     require("prometheus_client", "serve", "mae serve's /metrics")
+    require("fastapi", "serve", "mae serve")  # checked before the engine loads (which can take minutes), as build_app
+    require("python_multipart", "serve", "Reading multipart uploads")
     sock = bind(host, port)
     stop = _StopBeforeServing()
+    service = None
     try:
         with stop.installed():
             loaded = load_model(settings)
@@ -1238,13 +1270,15 @@ def serve(
             service.address = _url(sock)
             app = build_app(service)
             config = uvicorn.Config(
-                app, log_level=log_level, timeout_graceful_shutdown=drain_seconds or None, access_log=False,
+                app, log_level=log_level, timeout_graceful_shutdown=drain_seconds, access_log=False,
                 lifespan="on",
             )  # fmt: skip
             server = _server_class(uvicorn)(config, service, stop)
             server.run(sockets=[sock])
     finally:
         sock.close()
+        if service is not None:  # the lifespan removes it too; not when startup failed or a second Ctrl-C forced exit
+            service.decoder.close()
 
 
 class _StopBeforeServing:

@@ -72,3 +72,10 @@ def test_laplace_beats_mean_colour_on_a_smooth_picture_and_psnr_only_counts_remo
     removed = mask_to_pixels(mask, PATCH, SIDE)
     wrong_visible = original + (1 - removed) * 0.5  # errors on visible pixels are not counted
     assert masked_psnr(original, wrong_visible, removed)[0] == np.inf
+
+
+def test_psnr_is_nan_where_nothing_was_removed_as_the_models_metric_is():
+    """An exact fill is infinitely good; an image with no removed pixel has no measure at all (not 'perfect')."""
+    original = ramp()
+    nothing = np.zeros_like(original)
+    assert np.isnan(masked_psnr(original, original * 0.5, nothing)[0])

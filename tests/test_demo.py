@@ -192,3 +192,51 @@ def test_digits_are_written_as_class_folders_with_every_fifth_held_out(tmp_path)
     from PIL import Image
 
     assert np.asarray(Image.open(digits.val_paths[0])).shape == (8, 8, 3)
+
+
+def test_an_interrupted_pretraining_ends_the_demo_and_other_settings_name_out_not_resume(tmp_path, monkeypatch):
+    """Ctrl-C during training: the trainer saves and returns; the demo must stop there (exit 130 via the CLI)
+    instead of exporting and evaluating a half-trained model. A folder trained with other --steps: the message
+    names the demo's own options, not the trainer's --resume."""
+    import types
+
+    from rich.console import Console
+
+    from mae import demo
+
+    digits = demo.write_digits(tmp_path / "digits", side=8)
+    monkeypatch.setattr(demo, "seconds_per_step", lambda preset: 0.01)
+    stopped = types.SimpleNamespace(stopped="interrupted", global_step=7)
+    monkeypatch.setattr(demo, "run_training", lambda options, reporter: stopped)
+    console = Console(file=io.StringIO(), width=200)
+    with pytest.raises(KeyboardInterrupt):
+        demo.pretrain(tmp_path, digits, 20, 0, False, console)
+    assert "stopped at step 7" in console.file.getvalue() and f"--out {tmp_path}" in console.file.getvalue()
+
+    def refuse(options, reporter):
+        raise MAEError(
+            "--resume: run/checkpoint.pt was written by a run with other settings: epochs: the run has 2, now 9",
+            hint="resume with the run's options",
+        )
+
+    monkeypatch.setattr(demo, "run_training", refuse)
+    with pytest.raises(MAEError, match="holds a demo trained with other settings") as caught:
+        demo.pretrain(tmp_path, digits, 20, 0, False, console)
+    assert "--resume" not in caught.value.hint and "--steps" in caught.value.hint
+
+
+def test_eval_embeddings_of_another_model_are_removed_before_eval(tmp_path, monkeypatch):
+    """A rerun that trained further exports another model: the demo's eval folder (derived data only) is made
+    again instead of mae eval refusing to mix two models in it."""
+    import mae.runtime.embed as embed_module
+    from mae.demo import drop_stale_embeddings
+
+    run = tmp_path / "eval/embeddings/train/run.json"
+    run.parent.mkdir(parents=True)
+    run.write_text(json.dumps({"params": {"model_sha256": "a" * 64}}))
+    monkeypatch.setattr(embed_module, "model_checksum", lambda model, engine, precision: "a" * 64)
+    drop_stale_embeddings(tmp_path / "eval", tmp_path / "bundle")
+    assert run.is_file()  # the same model: kept (mae eval reuses it)
+    monkeypatch.setattr(embed_module, "model_checksum", lambda model, engine, precision: "b" * 64)
+    drop_stale_embeddings(tmp_path / "eval", tmp_path / "bundle")
+    assert not (tmp_path / "eval").exists()

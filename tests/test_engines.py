@@ -302,3 +302,11 @@ def test_ctrl_c_after_an_openvino_engine_is_gone_raises_instead_of_crashing(tiny
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "interrupted", (done.returncode, done.stderr[-2000:])
+
+
+def test_a_negative_masking_seed_is_a_message_not_a_numpy_error():
+    from mae.core.errors import MAEError
+
+    with pytest.raises(MAEError, match="whole number >= 0"):
+        random_noise(1, 16, -1)
+    assert random_noise(1, 16, 0).shape == (1, 16)

@@ -198,7 +198,7 @@ def test_confusion_picture_layout_and_colours():
     perfect = np.diag([5, 3, 2])
     muddled = np.array([[1, 4, 0], [3, 0, 0], [0, 0, 2]])
     picture = confusion_picture([ConfusionPanel("model", perfect), ConfusionPanel("pixels", muddled)], names)
-    layout = ConfusionLayout.of(names, 2)
+    layout = ConfusionLayout.of(names, 2, ["model", "pixels"])
     assert picture.size == layout.size and layout.name_width > 0
     pixels = np.asarray(picture)
 
@@ -210,6 +210,20 @@ def test_confusion_picture_layout_and_colours():
     assert corner(1, 0, 1) == cell_colour(4 / 5) and corner(1, 1, 0) == FULL_COLOUR
     many = ConfusionLayout.of([f"class {i}" for i in range(300)], 2)
     assert many.name_width == 0 and many.cell >= 1  # too small for names: cells only
+
+
+def test_panel_titles_never_run_into_the_next_panel_with_few_classes():
+    """Two classes make a narrow matrix; the panel grows to its title so the model's top-1 stays readable."""
+    from PIL import ImageDraw, ImageFont
+
+    titles = ["model (cls+mean pool, openvino): top-1 81.7%", "raw pixels (32 x 32): top-1 60.0%"]
+    names = ["cat", "dog"]
+    picture = confusion_picture([ConfusionPanel(titles[0], np.eye(2)), ConfusionPanel(titles[1], np.eye(2))], names)
+    layout = ConfusionLayout.of(names, 2, titles)
+    assert picture.size == layout.size
+    first_title_end = ImageDraw.Draw(picture).textbbox((16, 16), titles[0], font=ImageFont.load_default(size=15))[2]
+    second_title_start = layout.matrix_left(1) - layout.name_width
+    assert first_title_end < second_title_start, (first_title_end, second_title_start)
 
 
 def test_pixel_baseline_is_an_area_average_of_the_models_input(tmp_path):

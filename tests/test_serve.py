@@ -454,3 +454,112 @@ def test_json_body_equals_multipart_for_many_images(server, photo_files):
     )
     assert as_json.status_code == 200, as_json.text
     assert as_json.json()["embeddings"] == post_embed(server.url, photo_files[:3]).json()["embeddings"]
+
+
+# ------------------------------------------------------------------------------------- in-process faults
+@pytest.fixture()
+def in_process(bundle):
+    """The app in this process (starlette's TestClient), for faults a real server cannot be made to have."""
+    from starlette.testclient import TestClient
+
+    from mae.runtime.serve import ServeSettings, Service, build_app, load_model
+
+    def make(**settings: object) -> tuple[TestClient, Service]:
+        chosen = ServeSettings(str(bundle), engine="onnx", **settings)
+        chosen.check()
+        service = Service(chosen, load_model(chosen), lambda text: None)
+        return TestClient(build_app(service), raise_server_exceptions=False), service
+
+    return make
+
+
+def json_images(paths: list[Path]) -> dict:
+    body = json.dumps({"images": [base64.b64encode(path.read_bytes()).decode() for path in paths]})
+    return {"content": body, "headers": {"Content-Type": "application/json"}}
+
+
+def test_an_upload_that_cannot_be_stored_is_503_and_leaves_no_files(in_process, photo_files, monkeypatch):
+    """/dev/shm full while the second of two uploads is written: every file of the request is removed again
+    (a leak would fill it further) and the client may retry."""
+    import errno
+
+    client, service = in_process()
+    real = Path.write_bytes
+    written: list[Path] = []
+
+    def second_fails(self: Path, data: bytes) -> int:
+        written.append(self)
+        if len(written) == 2:
+            real(self, data[:100])  # a partial file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    with client:
+        monkeypatch.setattr(Path, "write_bytes", second_fails)
+        answer = client.post("/v1/embed", **json_images(photo_files[:2]))
+        monkeypatch.undo()
+        assert_error(answer, 503, "no_space")
+        assert answer.headers["Retry-After"] and "No space left" in answer.json()["message"]
+        assert len(written) == 2 and not list(service.decoder.folder.iterdir())
+        assert service.admission.images == 0
+        assert client.post("/v1/embed", **json_images(photo_files[:1])).status_code == 200  # space again: it works
+
+
+def test_an_engine_failure_drops_the_rest_of_its_request(in_process, photo_files):
+    """A request of 3 images in batches of 2: the first batch fails (500), its third image is never run."""
+    client, service = in_process(max_batch=2, max_wait_ms=1)
+    with client:
+        engine = service.batcher.engine
+        real, calls = engine.run, []
+
+        def fails_first(inputs: dict) -> dict:
+            calls.append(len(inputs["pixel_values"]))
+            if len(calls) == 1:
+                raise RuntimeError("the engine broke")
+            return real(inputs)
+
+        engine.run = fails_first
+        answer = client.post("/v1/embed", **json_images(photo_files[:3]))
+        assert_error(answer, 500, "internal")
+        assert "Traceback" not in answer.text and "the engine broke" not in answer.text
+        assert not service.batcher.queue and service.admission.images == 0
+    assert calls == [2]  # the lifespan ran what was queued before it ended: nothing
+
+
+def test_reconstruct_refuses_a_negative_seed_and_leaves_out_undefined_metrics(in_process, photo_files):
+    client, _ = in_process()
+    with client:
+        files = files_of(photo_files[:1])
+        refused = client.post("/v1/reconstruct", files=files, params={"seed": -1})
+        assert refused.status_code == 422 and "Traceback" not in refused.text, refused.text
+        nothing_removed = client.post("/v1/reconstruct", files=files, params={"mask_ratio": 0})
+        assert nothing_removed.status_code == 200, nothing_removed.text
+        assert "X-MAE-PSNR" not in nothing_removed.headers and nothing_removed.headers["X-MAE-Mask-Ratio"] == "0.0"
+        schema = client.get("/openapi.json").json()
+        seed = next(p for p in schema["paths"]["/v1/reconstruct"]["post"]["parameters"] if p["name"] == "seed")
+        assert seed["schema"]["minimum"] == 0
+        embed_headers = schema["paths"]["/v1/embed"]["post"]["responses"]["200"]["headers"]
+        assert {"X-MAE-Shape", "X-MAE-Pool", "X-MAE-Model-SHA256"} <= set(embed_headers)
+
+
+def test_drain_seconds_0_cancels_at_once_instead_of_waiting_forever(bundle, monkeypatch):
+    """uvicorn reads a graceful-shutdown timeout of None as no limit: 0 must reach it as 0."""
+    from mae.runtime import serve as serve_module
+
+    seen = {}
+
+    def recording(uvicorn):  # noqa: ANN001, ANN202 - stands in for the draining server class
+        class Recording:
+            def __init__(self, config, service, stop) -> None:  # noqa: ANN001
+                seen["timeout"] = config.timeout_graceful_shutdown
+                self.service = service
+
+            def run(self, sockets) -> None:  # noqa: ANN001
+                seen["folder"] = self.service.decoder.folder
+
+        return Recording
+
+    monkeypatch.setattr(serve_module, "_server_class", recording)
+    serve_module.serve(bundle, engine="onnx", port=0, drain_seconds=0, notes=lambda text: None)
+    assert seen["timeout"] == 0
+    assert not seen["folder"].exists()  # the upload folder is removed even when the lifespan never ran

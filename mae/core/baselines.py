@@ -61,11 +61,14 @@ def laplace_fill(
 
 
 def masked_psnr(original: np.ndarray, filled: np.ndarray, removed: np.ndarray) -> np.ndarray:
-    """PSNR in dB over removed pixels only, per image: [N]; infinite where the fill is exact."""
+    """PSNR in dB over removed pixels only, per image: [N]; infinite where the fill is exact, NaN where nothing was
+    removed (as `mae.core.visualize.masked_metrics` gives the model: no pixels, no measure)."""
     squared = (np.clip(filled, 0.0, 1.0) - np.asarray(original, dtype=np.float64)) ** 2 * removed
-    mse = squared.sum(axis=(1, 2, 3)) / np.maximum(removed.sum(axis=(1, 2, 3)) * original.shape[-1], 1.0)
+    counted = removed.sum(axis=(1, 2, 3))
+    mse = squared.sum(axis=(1, 2, 3)) / np.maximum(counted * original.shape[-1], 1.0)
     with np.errstate(divide="ignore"):
-        return np.where(mse > 0, 10.0 * np.log10(1.0 / np.maximum(mse, 1e-300)), np.inf)
+        psnr = np.where(mse > 0, 10.0 * np.log10(1.0 / np.maximum(mse, 1e-300)), np.inf)
+    return np.where(counted > 0, psnr, np.nan)
 
 
 def baseline_fills(original: np.ndarray, mask: np.ndarray, patch_size: int) -> dict[str, np.ndarray]:

@@ -43,6 +43,8 @@ def masking_from_noise(noise: np.ndarray, mask_ratio: float) -> Masking:
 
 def random_noise(batch: int, length: int, seed: int | None = None) -> np.ndarray:
     """[B, L] uniform noise from a seed (numpy's PCG64; not the same stream as torch's)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise MAEError(f"seed {seed!r}: a masking seed is a whole number >= 0.", hint="e.g. --seed 0")
     return np.random.default_rng(seed).random((batch, length), dtype=np.float32)
 
 
