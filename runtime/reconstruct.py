@@ -38,7 +38,19 @@ from .engines.auto import choose
 from .engines.torch import load_weights
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-ImageInput = str | os.PathLike | np.ndarray | Image.Image
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image already decoded and pre-processed with the bundle's pre-processing (what `mae embed`'s decode
+    gives, e.g. in `mae serve`'s decode threads): `reconstruct` then runs only the engines on it."""
+
+    name: str
+    size: tuple[int, int]  # (width, height) of the original
+    pixel_values: np.ndarray  # float32 [3, S, S]
+
+
+ImageInput = str | os.PathLike | np.ndarray | Image.Image | PreparedImage
 
 
 @dataclass
@@ -217,6 +229,15 @@ def _load_images(images: Sequence[ImageInput], pre: Preprocessing, resize: str |
 
     names, sizes, arrays = [], [], []
     for index, image in enumerate(images):
+        if isinstance(image, PreparedImage):
+            expected = (3, pre.size, pre.size)
+            if np.shape(image.pixel_values) != expected:
+                shape = np.shape(image.pixel_values)
+                raise MAEError(f"{image.name}: pre-processed pixels {shape}, expected {expected}.")
+            arrays.append(np.asarray(image.pixel_values, dtype=np.float32))
+            names.append(image.name)
+            sizes.append(image.size)
+            continue
         if isinstance(image, str | os.PathLike):
             array, size = load_and_preprocess(image, pre, resize)
             names.append(Path(image).name)
@@ -260,7 +281,7 @@ def reconstruct(
     progress: ReconstructProgress | None = None,
     allow_emulated_bf16: bool = False,
 ) -> ReconstructionResult:
-    """Reconstruct images (files, uint8 [H, W, 3] arrays or Pillow images) with `model`.
+    """Reconstruct images (files, uint8 [H, W, 3] arrays, Pillow images or `PreparedImage`s) with `model`.
 
     model: a bundle directory, or (torch engine) weights or a MaskedAutoencoder. engine: onnx, openvino, trt,
     torch or auto (`mae.runtime.engines.auto`; precision None lets it choose, else fp32). Masking comes from `noise`

@@ -28,8 +28,8 @@ The path of an embed request (shapes: S = image side, L = patches, D = width):
 6. pooling, l2 and dtype with `mae.core.numerics` in the pool (`embedding_rows`: the steps of `mae embed`), then
    JSON, or .npy bytes for `Accept: application/octet-stream`.
 A client that disconnects while it waits has its images taken out of the queue and its slot freed. Reconstruction
-(one image) is decoded the same way, then `mae.runtime.reconstruct.reconstruct` runs on the engine thread, between
-batches, so that only that thread ever runs an engine.
+(one image) is decoded the same way in the pool, then `mae.runtime.reconstruct.reconstruct` runs the engines on its
+pixels (a `PreparedImage`) on the engine thread, between batches, so that only that thread ever runs an engine.
 
 SIGTERM: uvicorn stops accepting, in-flight requests finish (the batcher stops waiting for more images and runs
 what it has), then the process exits 0; after `--drain-seconds` the stragglers are cancelled. Errors are JSON
@@ -72,13 +72,12 @@ from mae.core.bundle import Bundle, is_bundle, not_a_bundle_error
 from mae.core.errors import MAEError, require
 from mae.core.masking import full_ids_keep
 from mae.core.numerics import POOLS, l2_normalize, pool_tokens
-from mae.core.preprocess import ImageError
 
 from .embed import OUTPUT_DTYPES, STATIC_SHAPE_ENGINES, embedding_shape, model_checksum
 from .embed_worker import DecodedChunk, DecodeTask, decode_chunk
 from .engines import Engine, create_engine
 from .engines.auto import choose
-from .reconstruct import ReconstructionResult, reconstruct
+from .reconstruct import PreparedImage, ReconstructionResult, reconstruct
 
 LOG = logging.getLogger("mae.serve")
 WORK_ROUTES = ("/v1/embed", "/v1/reconstruct")  # the routes that take images (gated, admitted, batched)
@@ -729,25 +728,21 @@ class Service:
             chunk = await self.in_pool(self.decoder.decode, [upload])
             if chunk.failures:
                 raise _image_failures(chunk, [upload.name])
-            (path,) = await self.in_pool(self.decoder.write, [upload])
+            image = PreparedImage(upload.name, chunk.sizes[0], chunk.pixel_values[0])  # decoded once, in the pool
             engines = (model.encoder, model.decoder)
 
-            def run() -> ReconstructionResult:
+            def run() -> ReconstructionResult:  # the engines only: decoding stays off the engine thread
                 return reconstruct(
-                    [path], str(model.bundle.path), mask_ratio=mask_ratio, seed=seed, resize=model.resize,
-                    engines=engines,
+                    [image], str(model.bundle.path), mask_ratio=mask_ratio, seed=seed, engines=engines,
                 )  # fmt: skip
 
             future = self.batcher.call(run, asyncio.get_running_loop())
             try:
                 result = await _unless_gone(future, gone)
-            except ImageError as exc:  # decoded once already, so unlikely; named after the client's file all the same
-                raise HTTPProblem(400, "bad_image", exc.message.replace(str(path), upload.name)) from exc
             except MAEError as exc:  # what reconstruct refuses is the request's fault, not the server's
-                raise HTTPProblem(400, "bad_request", exc.message.replace(str(path), upload.name)) from exc
+                raise HTTPProblem(400, "bad_request", exc.message) from exc
             finally:
                 future.cancel()  # a no-op once done; else the engine thread skips it
-                path.unlink(missing_ok=True)
             reply = await self.in_pool(reconstruction_reply, result, upload.name, npz)
             self.metrics.images.labels("/v1/reconstruct").inc()
             return reply

@@ -298,3 +298,19 @@ def test_cli_errors_are_plain(tiny_bundle, photo_files, tmp_path, monkeypatch, c
         assert run_cli(monkeypatch, *args) == 2, message
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_prepared_pixels_reconstruct_exactly_as_their_file(tiny_bundle, photo_files):
+    """`PreparedImage` (pixels decoded elsewhere, as mae serve's decode threads do) gives the file's result."""
+    from mae.core.preprocess import load_and_preprocess
+    from mae.runtime.reconstruct import PreparedImage
+
+    path = photo_files[0]
+    pixels, size = load_and_preprocess(path, tiny_bundle.preprocessing)
+    from_file = reconstruct([path], tiny_bundle.path, engine="onnx", seed=5)
+    prepared = reconstruct([PreparedImage("mine.jpg", size, pixels)], tiny_bundle.path, engine="onnx", seed=5)
+    np.testing.assert_array_equal(prepared.pred, from_file.pred)
+    np.testing.assert_array_equal(prepared.pixel_values, from_file.pixel_values)
+    assert prepared.names == ["mine.jpg"]
+    with pytest.raises(MAEError, match="pre-processed pixels"):
+        reconstruct([PreparedImage("small", size, pixels[:, :8])], tiny_bundle.path, engine="onnx")
