@@ -60,10 +60,11 @@ RECALL_K = 10
 RECALL_SAMPLE = 1000
 TRAIN_POINTS_PER_LIST = 64  # faiss warns below 39 points per centroid; more costs k-means time on small CPUs
 ADD_CHUNK = 65536
+PQ_CENTROIDS = 256  # 8-bit codes
 PQ_MAX_M = 96  # bytes per vector of an ivf-pq index: 768-d vectors as 96 codes of 8 dimensions
 ID_BYTES = 8  # an inverted list stores a 64-bit id beside each vector or code
 RERANK_FACTOR = 10  # ivf-pq: candidates per neighbour wanted, ordered by their exact scores
-RERANK_CHUNK = 64  # queries re-ranked at a time (64 x 10k candidates x 768 floats: 200 MB at k = 1000)
+RERANK_BYTES = 64 << 20  # working memory of re-ranking: exact vectors gathered, candidate scores sorted
 
 
 class IndexProgress(Protocol):
@@ -161,6 +162,12 @@ def plan_index(count: int, dim: int, max_memory: int | None = None, kind: str = 
     ivf_flat = centroids + count * (dim * 4 + ID_BYTES)
     if kind == "ivf-flat" or (kind == "auto" and ivf_flat <= budget):
         return IndexPlan("ivf-flat", count, dim, nlist=nlist, memory_bytes=ivf_flat)
+    if count < PQ_CENTROIDS:  # each sub-quantizer's k-means needs a training vector per centroid
+        wanted = "--kind ivf-pq" if kind == "ivf-pq" else f"an index within --max-memory {size_text(budget)}"
+        raise MAEError(
+            f"{count} vectors are too few for {wanted}: product-quantized codes train {PQ_CENTROIDS} centroids.",
+            hint="use --kind flat (exact search; it is fast at this size)",
+        )
     # Product quantization: m one-byte codes a vector, m a divisor of dim (faiss needs it); the largest that fits,
     # of at least 4 dimensions per code (finer ones cost training time for little recall) and at most PQ_MAX_M.
     divisors = [m for m in range(1, dim + 1) if dim % m == 0 and (m <= dim // 4 or m == 1) and m <= PQ_MAX_M]
@@ -278,34 +285,49 @@ def on_gpus(index: Any) -> Any:
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """int64 [Q, k]: ids of the k largest inner products over all `vectors` (faiss flat search, on GPUs if any)."""
     faiss = faiss_module()
+    if gpu_count() == 0:  # searches `vectors` where they are (an IndexFlatIP would copy all of them)
+        _, ids = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return ids
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
     _, ids = on_gpus(exact).search(queries, k)
     return ids
 
 
+def candidate_scores(
+    queries: np.ndarray, candidates: np.ndarray, exact: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """float32 [Q, C]: the inner product of each query with its candidates' exact vectors (`exact(ids)` -> float32
+    [len(ids), D], as the index compares them); -inf where a candidate is -1. Vectors are gathered RERANK_BYTES at
+    a time, so memory stays bounded whatever C and D are (one [Q, C, D] block would not)."""
+    scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
+    owners, columns = np.nonzero(candidates >= 0)
+    step = max(1, RERANK_BYTES // (4 * queries.shape[1]))
+    for start in range(0, len(owners), step):
+        rows, cols = owners[start : start + step], columns[start : start + step]
+        scores[rows, cols] = np.einsum("nd,nd->n", queries[rows], exact(candidates[rows, cols]))
+    return scores
+
+
 def rerank(
     queries: np.ndarray, candidates: np.ndarray, exact: Callable[[np.ndarray], np.ndarray], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [Q, k], ids [Q, k]): the k best of each query's `candidates` ([Q, C] ids, -1 for none) by the
-    inner product with their exact vectors (`exact(ids)` -> float32 [len(ids), D], as the index compares them).
-    Ties keep the candidates' order; missing ones (-1) come last with score -inf, as faiss fills them."""
+    """(scores [Q, k], ids [Q, k]): the k best of each query's `candidates` ([Q, C] ids, -1 for none) by their exact
+    scores (`candidate_scores`). Ties keep the candidates' order; missing ones (-1) come last with score -inf and
+    id -1, as faiss fills them. Queries go RERANK_BYTES of [rows, C] scores and sort keys at a time."""
     count, width = candidates.shape
     k = min(k, width)
     scores = np.full((count, k), -np.inf, dtype=np.float32)
     found = np.full((count, k), -1, dtype=np.int64)
-    for start in range(0, count, RERANK_CHUNK):
-        rows = slice(start, min(count, start + RERANK_CHUNK))
+    step = max(1, RERANK_BYTES // (12 * max(1, width)))  # float32 scores + int64 order per candidate
+    for start in range(0, count, step):
+        rows = slice(start, min(count, start + step))
         ids = candidates[rows]
-        valid = ids >= 0
-        vectors = np.zeros((*ids.shape, queries.shape[1]), dtype=np.float32)
-        if valid.any():
-            vectors[valid] = exact(ids[valid])
-        exact_scores = np.einsum("qd,qcd->qc", queries[rows], vectors)
-        exact_scores[~valid] = -np.inf
+        exact_scores = candidate_scores(queries[rows], ids, exact)
         order = np.argsort(-exact_scores, axis=1, kind="stable")[:, :k]
         scores[rows] = np.take_along_axis(exact_scores, order, axis=1)
-        found[rows] = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(ids, order, axis=1), -1)
+        chosen = np.take_along_axis(ids, order, axis=1)
+        found[rows] = np.where(np.isfinite(scores[rows]), chosen, -1)
     return scores, found
 
 
@@ -371,13 +393,8 @@ def _trial(
         return entry, 0.0
     _, best = rerank(queries, found, lambda ids: vectors[ids], k)
     seconds = time.perf_counter() - started
-    errors = []
-    for start in range(0, len(queries), RERANK_CHUNK):  # |code score - exact score| of every candidate
-        ids = found[start : start + RERANK_CHUNK]
-        valid = ids >= 0
-        exact_scores = np.einsum("qd,qcd->qc", queries[start : start + RERANK_CHUNK], vectors[np.maximum(ids, 0)])
-        errors.append(np.abs(coded[start : start + RERANK_CHUNK] - exact_scores)[valid])
-    spread = np.concatenate(errors)
+    valid = found >= 0
+    spread = np.abs(coded[valid] - candidate_scores(queries, found, lambda ids: vectors[ids])[valid])
     entry = {
         "recall": round(recall_at(best, truth), 4),
         "recall_codes": round(recall_at(found[:, :k], truth), 4),
@@ -426,7 +443,8 @@ def up_to_date(out: Path, runs: list[EmbeddingRun], options: dict[str, Any]) -> 
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         return None
-    if manifest.get("options") != options or [s.get("checksum") for s in manifest.get("sources", [])] != [
+    recorded = {"rerank": 0, **(manifest.get("options") or {})}  # indexes from before re-ranking: flat ones stay
+    if recorded != options or [s.get("checksum") for s in manifest.get("sources", [])] != [
         run.checksum for run in runs
     ]:
         return None

@@ -25,7 +25,7 @@ import numpy as np
 
 from mae.core.bundle import is_bundle
 from mae.core.errors import MAEError, require
-from mae.core.files import atomic_write, cached_sha256, make_dirs
+from mae.core.files import atomic_write, cached_sha256, faults, make_dirs
 
 from .embedding_runs import EmbeddingRun, open_run
 from .index import (
@@ -42,7 +42,8 @@ from .index import (
 from .sheets import duplicates_sheet
 
 MAX_DUPLICATE_PAIRS = 10_000_000  # pairs held in memory by a duplicate search; a lower threshold is refused
-DUPLICATE_CHUNK = 4096  # query vectors per range search
+DUPLICATE_CHUNK = 4096  # query vectors per range search (fewer for large indexes: see duplicate_pairs)
+GPU_MAX_K = 2048  # the most neighbours faiss's GPU indexes select; more are searched on the CPU copy
 RESCORE_CHUNK = 16384  # candidate pairs scored exactly at a time (16k x 768 floats: 50 MB)
 
 
@@ -87,8 +88,8 @@ class LoadedIndex:
             end = row + 1
             while end < stop and self.ids["source"][end] == source and self.ids["file"][end] == number:
                 end += 1
-            if run is not None:
-                parts.append(np.array(run.vectors(number)[offset : offset + end - row], dtype=np.float32))
+            if run is not None:  # only these rows are read (and widened from float16)
+                parts.append(run.take(number, np.arange(offset, offset + end - row)))
             else:  # the folder is gone: what the index stores (exact for flat and ivf-flat, decoded for ivf-pq)
                 _make_direct_map(self.index)
                 parts.append(self.index.reconstruct_n(row, end - row))
@@ -134,9 +135,11 @@ class LoadedIndex:
         if self._searcher is None:  # exact search on GPUs where faiss has some (they have no range search: CPU)
             self._searcher = on_gpus(self.index) if self.manifest["plan"]["kind"] == "flat" else self.index
         factor = self.reranks
+        width = min(self.count, k * factor) if factor else k
+        searcher = self._searcher if width <= GPU_MAX_K else self.index  # faiss's GPU k-selection stops at 2048
         if not factor:
-            return self._searcher.search(queries, k)
-        _, candidates = self._searcher.search(queries, min(self.count, k * factor))
+            return searcher.search(queries, k)
+        _, candidates = searcher.search(queries, width)
         return rerank(queries, candidates, self.exact, k)
 
     def row_of_path(self) -> dict[str, int]:
@@ -203,7 +206,14 @@ def _check_sources(manifest: dict[str, Any]) -> list[str]:
     for source in manifest["sources"]:
         path = Path(source["path"])
         if not (path / "run.json").is_file():
-            approximate = "; scores are the codes' approximations" if manifest.get("rerank") else ""
+            approximate = ""
+            if manifest.get("rerank"):
+                recall = manifest.get("recall", {})
+                approximate = (
+                    f"; without its exact vectors the codes alone rank neighbours (recall@{recall.get('k')} "
+                    f"{recall.get('recall_codes')} instead of {recall.get('recall')}, approximate scores): restore "
+                    "the folder or index again"
+                )
             notes.append(
                 f"note: {path} (embedded into this index) is gone; neighbours still come from the index{approximate}"
             )
@@ -360,45 +370,67 @@ def _neighbours(loaded: LoadedIndex, query: Query, scores: np.ndarray, found: np
 # ----------------------------------------------------------------------------------------------- duplicates
 def duplicate_pairs(loaded: LoadedIndex, threshold: float, progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """(pairs int64 [P, 2] with a < b, scores float32 [P]) of every two indexed vectors scoring above
-    `threshold`, highest first. An ivf-pq index with its embedding folders is searched the codes' measured score
-    error below `threshold`, and its pairs kept by their exact scores (see mae.runtime.index)."""
+    `threshold`, highest first.
+
+    Each vector's range search finds its partners; a pair counts once however many of its two searches found it
+    (an inverted file scans only `nprobe` lists, and codes are not symmetric, so a may find b and not b a), with
+    the higher score. An ivf-pq index with its embedding folders is searched the codes' measured score error below
+    `threshold`, and its pairs kept by their exact scores (see mae.runtime.index). Queries per range search shrink
+    with the index, so one search returns at most about max(MAX_DUPLICATE_PAIRS, 16 N) results: a threshold that
+    passes most of the index is refused before it fills the memory."""
     report = progress or Silent()
     count = loaded.count
-    report.stage(f"pairs above {threshold}", count)
     exact = bool(loaded.reranks)
     margin = float(loaded.manifest["recall"].get("score_error", 0.0)) if exact else 0.0
+    chunk = max(16, min(DUPLICATE_CHUNK, MAX_DUPLICATE_PAIRS // max(1, count)))
     firsts, seconds, values = [], [], []
     total = 0
-    for start in range(0, count, DUPLICATE_CHUNK):
-        rows = range(start, min(count, start + DUPLICATE_CHUNK))
-        block = np.ascontiguousarray(loaded.block(rows.start, rows.stop))
-        limits, scores, found = loaded.index.range_search(block, float(threshold) - margin)
-        owners = np.repeat(np.arange(rows.start, rows.stop), np.diff(limits.astype(np.int64)))
-        keep = found > owners  # each pair once, never an image with itself
-        if exact and keep.any():
-            owners, found = owners[keep], found[keep]
-            scores = np.concatenate([
-                np.einsum("pd,pd->p", block[owners[i : i + RESCORE_CHUNK] - rows.start],
-                          loaded.exact(found[i : i + RESCORE_CHUNK]))
-                for i in range(0, len(found), RESCORE_CHUNK)
-            ])  # fmt: skip
-            keep = scores > threshold
-        firsts.append(owners[keep])
-        seconds.append(found[keep])
-        values.append(scores[keep])
-        total += int(keep.sum())
-        if total > MAX_DUPLICATE_PAIRS:
-            raise MAEError(
-                f"More than {MAX_DUPLICATE_PAIRS:,} pairs score above {threshold}: that is most of the index, not "
-                "its duplicates.",
-                hint="raise --threshold (cosine 0.95 or more finds near-copies)",
-            )
-        report.advance(len(rows))
-    report.close()
+    report.stage(f"pairs above {threshold}", count)
+    try:
+        for start in range(0, count, chunk):
+            rows = range(start, min(count, start + chunk))
+            block = np.ascontiguousarray(loaded.block(rows.start, rows.stop))
+            limits, scores, found = loaded.index.range_search(block, float(threshold) - margin)
+            owners = np.repeat(np.arange(rows.start, rows.stop), np.diff(limits.astype(np.int64)))
+            keep = found != owners  # never an image with itself
+            owners, found, scores = owners[keep], found[keep], scores[keep]
+            if exact and len(found):
+                scores = _exact_pair_scores(loaded, block, owners - rows.start, found)
+                keep = scores > threshold
+                owners, found, scores = owners[keep], found[keep], scores[keep]
+            firsts.append(np.minimum(owners, found))
+            seconds.append(np.maximum(owners, found))
+            values.append(scores)
+            total += len(found)
+            if total > 2 * MAX_DUPLICATE_PAIRS:  # each pair may be counted from both sides until the end
+                raise MAEError(
+                    f"More than {MAX_DUPLICATE_PAIRS:,} pairs score above {threshold}: that is most of the index, "
+                    "not its duplicates.",
+                    hint="raise --threshold (cosine 0.95 or more finds near-copies)",
+                )
+            report.advance(len(rows))
+    finally:
+        report.close()
     pairs = np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1).astype(np.int64)
     scores = np.concatenate(values).astype(np.float32)
+    order = np.lexsort((-scores, pairs[:, 1], pairs[:, 0]))  # each pair's copies together, the best first
+    pairs, scores = pairs[order], scores[order]
+    first = np.ones(len(pairs), dtype=bool)
+    first[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)
+    pairs, scores = pairs[first], scores[first]
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -scores))
     return pairs[order], scores[order]
+
+
+def _exact_pair_scores(loaded: LoadedIndex, block: np.ndarray, rows: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """float32 [P]: the inner product of block[rows[i]] with the exact vector of id found[i], RESCORE_CHUNK at a
+    time."""
+    return np.concatenate(
+        [
+            np.einsum("pd,pd->p", block[rows[i : i + RESCORE_CHUNK]], loaded.exact(found[i : i + RESCORE_CHUNK]))
+            for i in range(0, len(found), RESCORE_CHUNK)
+        ]
+    )
 
 
 def group_pairs(count: int, pairs: np.ndarray) -> np.ndarray:
@@ -451,6 +483,8 @@ def find_duplicates(
     pairs, scores = duplicate_pairs(loaded, threshold, progress)
     groups = group_pairs(loaded.count, pairs)
     root = make_dirs(out)
+    with faults(root / "duplicates.json", "remove"):  # written last: an earlier run's never sits beside new files
+        (root / "duplicates.json").unlink(missing_ok=True)
     paths = loaded.ids["path"]
     best = np.full(loaded.count, -np.inf, dtype=np.float32)  # each id's highest score with another image
     if len(pairs):

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from mae.core.files import atomic_write
+from mae.core.preprocess import DECODE_ERRORS
 
 BACKGROUND = (255, 255, 255)
 TILE_BACKGROUND = (236, 236, 236)
@@ -45,7 +46,7 @@ def thumbnail(path: str | None, tile: int) -> Image.Image:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, resample)
             square.paste(image, ((tile - image.width) // 2, (tile - image.height) // 2))
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (*DECODE_ERRORS, Image.DecompressionBombError):
         ImageDraw.Draw(square).text((8, tile // 2 - 8), "cannot open", fill=MUTED, font=_font(14))
     return square
 

@@ -279,7 +279,10 @@ def test_pq_search_without_its_embedding_folder_falls_back_to_the_codes_and_says
     build_index([folder], tmp_path / "index", kind="ivf-pq")
     shutil.rmtree(folder)
     loaded = load_index(tmp_path / "index")
-    assert loaded.reranks == 0 and any("approximations" in note for note in loaded.notes), loaded.notes
+    assert loaded.reranks == 0, loaded.notes
+    manifest = loaded.manifest["recall"]
+    said = f"recall@10 {manifest['recall_codes']} instead of {manifest['recall']}"
+    assert any(said in note and "restore the folder" in note for note in loaded.notes), loaded.notes
     result = search([], loaded, k=5, ids=[7])
     assert len(result["queries"][0]["neighbours"]) == 5
 
@@ -315,3 +318,48 @@ def test_an_out_folder_holding_other_files_is_left_alone(tmp_path):
         build_index([folder], tmp_path / "photos")
     with pytest.raises(MAEError, match="is a file"):
         build_index([folder], tmp_path / "photos/cat.jpg")
+
+
+def test_rerank_memory_stays_within_its_working_budget(monkeypatch):
+    """16 queries x 20 000 candidates x 512 floats would be 655 MB as one block; re-ranking gathers a budget's
+    worth at a time (here 1 MiB) and gives the same answer as the unbounded computation."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((20_000, 512), dtype=np.float32)
+    queries = rng.standard_normal((16, 512), dtype=np.float32)
+    candidates = np.tile(np.arange(20_000), (16, 1))
+    candidates[:, 5] = -1
+    monkeypatch.setattr(index_module, "RERANK_BYTES", 1 << 20)
+    tracemalloc.start()
+    scores, found = rerank(queries, candidates, lambda ids: table[ids], 10)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 24 << 20, peak  # the table's own gathers, the score rows and the sort keys
+    expected = queries @ table.T
+    expected[:, 5] = -np.inf
+    best = np.argsort(-expected, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(found, best)
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, best, axis=1), rtol=1e-5)
+
+
+def test_pq_needs_256_vectors_and_says_so(tmp_path):
+    with pytest.raises(MAEError, match="too few for --kind ivf-pq"):
+        plan_index(200, 16, kind="ivf-pq")
+    with pytest.raises(MAEError, match="too few for an index within --max-memory"):
+        plan_index(200, 16, max_memory=10_000)
+    folder = synthetic_run(tmp_path / "emb", clustered_vectors(200, 16, seed=17))
+    with pytest.raises(MAEError, match="use --kind flat"):
+        build_index([folder], tmp_path / "index", kind="ivf-pq")
+
+
+def test_an_index_from_before_reranking_is_still_up_to_date(tmp_path):
+    """index.json written before --rerank existed has no "rerank" option: an unchanged flat index is not rebuilt."""
+    folder = synthetic_run(tmp_path / "emb", clustered_vectors(500, 16, seed=18))
+    build_index([folder], tmp_path / "index")
+    manifest_path = tmp_path / "index/index.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["options"]["rerank"], manifest["rerank"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert build_index([folder], tmp_path / "index")["up_to_date"]
+    assert search([], tmp_path / "index", k=3, ids=[0])["queries"][0]["neighbours"]

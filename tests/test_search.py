@@ -193,3 +193,81 @@ def test_index_and_search_never_import_torch(indexed, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and done.stdout.strip() == "img_04.jpg", done.stderr[-2000:]
+
+
+def test_pairs_found_from_either_side_count_once_and_a_low_threshold_is_refused_early(tmp_path, monkeypatch):
+    """An approximate index may find b from a's search but not a from b's: the pair still counts (once). And each
+    range search is small enough that a threshold passing most pairs is refused before memory runs out."""
+    from embedding_folders import clustered_vectors, synthetic_run
+
+    from mae.runtime import search as search_module
+    from mae.runtime.index import build_index
+    from mae.runtime.search import duplicate_pairs, load_index
+
+    vectors = clustered_vectors(600, 16, seed=19)
+    vectors[[300, 450]] = vectors[[3, 40]]  # two exact copies
+    folder = synthetic_run(tmp_path / "emb", vectors, shard_size=200)
+    build_index([folder], tmp_path / "index", kind="flat")
+    loaded = load_index(tmp_path / "index")
+    real = loaded.index
+
+    class Wrapped:  # the real index, seen through `answer` (queries come in id order, block after block)
+        ntotal = real.ntotal
+
+        def __init__(self, one_sided: bool) -> None:
+            self.one_sided, self.next_id, self.sizes = one_sided, 0, []
+
+        def range_search(self, block, radius):
+            self.sizes.append(len(block))
+            limits, scores, found = real.range_search(block, radius)
+            owners = np.repeat(np.arange(self.next_id, self.next_id + len(block)), np.diff(limits.astype(np.int64)))
+            self.next_id += len(block)
+            if not self.one_sided:
+                return limits, scores, found
+            keep = found < owners  # only partners with a smaller id, as an inverted file probing other lists may
+            counts = np.bincount(owners[keep] - owners.min(initial=0), minlength=len(block))[: len(block)]
+            return np.concatenate([[0], np.cumsum(counts)]), scores[keep], found[keep]
+
+    loaded.index = Wrapped(one_sided=True)
+    pairs, scores = duplicate_pairs(loaded, 0.99999)
+    assert sorted(pairs.tolist()) == [[3, 300], [40, 450]] and (scores > 0.99999).all()
+    loaded.index = Wrapped(one_sided=False)
+    both, _ = duplicate_pairs(loaded, 0.99999)
+    assert sorted(both.tolist()) == [[3, 300], [40, 450]]  # found from both sides: still once each
+
+    monkeypatch.setattr(search_module, "MAX_DUPLICATE_PAIRS", 1000)
+    loaded.index = Wrapped(one_sided=False)
+    with pytest.raises(MAEError, match="More than 1,000 pairs"):
+        duplicate_pairs(loaded, -1.0)
+    assert max(loaded.index.sizes) == 16  # queries per range search shrink with the index: 16 x 600 results at most
+
+
+def test_a_damaged_image_gets_a_cannot_open_tile_not_a_traceback(tmp_path):
+    """Pillow raises SyntaxError for a PNG with a broken chunk: the sheet shows a tile for it, like a missing file."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from mae.runtime.sheets import thumbnail
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(good, compress_level=0)
+    data = good.read_bytes()
+    at = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[at - 4 : at])
+    pixels = data[at + 4 : at + 4 + length]
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    # The pixels split in two chunks, the second one's type damaged (valid CRC): Pillow says SyntaxError.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(
+        data[: at - 4] + chunk(b"IDAT", pixels[: length // 2]) + chunk(b"ID@T", pixels[length // 2 :])
+        + data[at + 8 + length :]
+    )  # fmt: skip
+    for path in (broken, tmp_path / "missing.png"):
+        tile = np.asarray(thumbnail(str(path), 64))
+        assert tile.shape == (64, 64, 3) and (tile != tile[0, 0]).any()  # the words drawn on the tile
+    assert tuple(np.asarray(thumbnail(str(good), 64))[32, 32]) == (200, 10, 10)

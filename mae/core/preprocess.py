@@ -51,6 +51,9 @@ EXIF_ORIENTATION_TAG = 0x0112
 ImageSize = tuple[int, int]  # (width, height)
 T = TypeVar("T")
 
+# What Pillow raises for a damaged file, besides its own errors (a broken chunk is a SyntaxError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -171,7 +174,7 @@ def _open(path: str | os.PathLike) -> Image.Image:
         raise ImageError("not_an_image", f"{path} is not an image Pillow can read", path) from exc
     except PermissionError as exc:
         raise ImageError("unreadable", f"{path}: permission denied", path) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageError("corrupt", f"{path}: cannot read the image header ({exc})", path) from exc
     width, height = image.size
     limit = Image.MAX_IMAGE_PIXELS
@@ -197,7 +200,7 @@ def _load_pixels(image: Image.Image, path: str | os.PathLike) -> None:
         raise ImageError("too_large", f"{path}: {exc}", path) from exc
     except MemoryError as exc:
         raise ImageError("too_large", f"{path}: not enough memory to decode it", path) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
+    except DECODE_ERRORS as exc:
         reason = "truncated" if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else "corrupt"
         raise ImageError(reason, f"{path}: {reason} image data ({exc})", path) from exc
 
