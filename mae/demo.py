@@ -39,6 +39,7 @@ from rich.table import Table
 from mae.export import export_bundle
 from mae.export.onnx_bundle import Int8Options
 from mae.runtime.bench import default_engines
+from mae.runtime.embed import model_checksum
 from mae.runtime.engines.auto import GATE
 from mae.runtime.evaluate import evaluate
 from mae.runtime.index import build_index
@@ -422,8 +423,6 @@ def drop_stale_embeddings(folder: Path, bundle_dir: Path) -> None:
     """Remove the demo's own `mae eval` folder when its embeddings were made by another model than `bundle_dir`'s
     (a rerun that trained further, e.g. after an interrupted one): `mae eval` rightly refuses to mix models in one
     folder, and this one holds nothing but what the demo derives again."""
-    from mae.runtime.embed import model_checksum
-
     runs = sorted(folder.glob("embeddings/*/run.json"))
     if not runs:
         return

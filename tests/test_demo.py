@@ -228,15 +228,15 @@ def test_an_interrupted_pretraining_ends_the_demo_and_other_settings_name_out_no
 def test_eval_embeddings_of_another_model_are_removed_before_eval(tmp_path, monkeypatch):
     """A rerun that trained further exports another model: the demo's eval folder (derived data only) is made
     again instead of mae eval refusing to mix two models in it."""
-    import mae.runtime.embed as embed_module
+    from mae import demo as demo_module
     from mae.demo import drop_stale_embeddings
 
     run = tmp_path / "eval/embeddings/train/run.json"
     run.parent.mkdir(parents=True)
     run.write_text(json.dumps({"params": {"model_sha256": "a" * 64}}))
-    monkeypatch.setattr(embed_module, "model_checksum", lambda model, engine, precision: "a" * 64)
+    monkeypatch.setattr(demo_module, "model_checksum", lambda model, engine, precision: "a" * 64)
     drop_stale_embeddings(tmp_path / "eval", tmp_path / "bundle")
     assert run.is_file()  # the same model: kept (mae eval reuses it)
-    monkeypatch.setattr(embed_module, "model_checksum", lambda model, engine, precision: "b" * 64)
+    monkeypatch.setattr(demo_module, "model_checksum", lambda model, engine, precision: "b" * 64)
     drop_stale_embeddings(tmp_path / "eval", tmp_path / "bundle")
     assert not (tmp_path / "eval").exists()
