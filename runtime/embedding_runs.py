@@ -148,7 +148,8 @@ def _model_path(root: Path) -> str | None:
 def open_run(path: str | Path, verify: bool = True) -> EmbeddingRun:
     """The finished embedding run in `path`; an `MAEError` that says what is missing otherwise.
 
-    verify=True checks every data file against the sha256 its done marker records (reads them in full);
+    verify=True checks every data file against the sha256 its done marker records (through the hash cache: read
+    in full once, then only when a file changed since, by inode, size, mtime or ctime);
     False trusts the markers (their counts and checksums are still compared with run.json).
     """
     root = Path(path)
@@ -199,7 +200,7 @@ def _finished_markers(root: Path, params: dict[str, Any], plan: dict[str, Any], 
         indexes = file_range(number, plan["inputs"], plan["shard_size"])
         marker = _marker(folder, number)
         if verify and marker is not None:
-            marker = folder.is_done(number, params_sha256, marker.get("keys_sha256"), indexes)
+            marker = folder.is_done(number, params_sha256, marker.get("keys_sha256"), indexes, cached=True)
         elif marker is not None and marker.get("params_sha256") != params_sha256:
             marker = None
         if marker is None:

@@ -39,6 +39,7 @@ from mae import __version__
 from mae.core.errors import MAEError, require
 from mae.core.files import (
     atomic_write,
+    cached_sha256,
     current_umask,
     faults,
     make_dirs,
@@ -169,13 +170,16 @@ class OutputFolder:
         return removed
 
     def is_done(
-        self, number: int, params_sha256: str, keys_sha256: str, indexes: range | None = None
+        self, number: int, params_sha256: str, keys_sha256: str, indexes: range | None = None, cached: bool = False
     ) -> dict[str, Any] | None:
         """The done marker of output file `number` if it is complete and belongs to this run, else None.
 
         Complete: it names this run's parameters and inputs, its row counts add up to the file's inputs (`indexes`)
         and match the embeddings file, and the files it lists have the recorded sizes and checksums.
+        cached: checksums through the hash cache (`cached_sha256`: a file not changed since it was hashed, by its
+        inode, size, mtime and ctime, is not read again), as readers of finished runs do; resuming reads in full.
         """
+        digest = cached_sha256 if cached else sha256_file
         marker_path = self.path("done", number)
         try:
             marker = json.loads(marker_path.read_text())
@@ -194,9 +198,9 @@ class OutputFolder:
         for folder, record in marker["files"].items():
             path = self.path(folder, number)
             try:
-                if path.stat().st_size != record["bytes"] or sha256_file(path) != record["sha256"]:
+                if path.stat().st_size != record["bytes"] or digest(path) != record["sha256"]:
                     return None
-            except (OSError, KeyError, TypeError):
+            except (OSError, KeyError, TypeError, MAEError):
                 return None
         return marker if _npy_rows(self.path("embeddings", number)) == marker["rows"] else None
 
@@ -240,7 +244,7 @@ class OutputFolder:
                 files[folder] = {
                     "file": f"{folder}/{path.name}",
                     "bytes": path.stat().st_size,
-                    "sha256": sha256_file(path),
+                    "sha256": cached_sha256(path, fresh=True),  # hashed now, remembered for readers
                 }
         marker = {
             "format": DONE_FORMAT,

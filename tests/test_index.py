@@ -363,3 +363,23 @@ def test_an_index_from_before_reranking_is_still_up_to_date(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     assert build_index([folder], tmp_path / "index")["up_to_date"]
     assert search([], tmp_path / "index", k=3, ids=[0])["queries"][0]["neighbours"]
+
+
+def test_finished_folders_are_verified_through_the_hash_cache_and_a_changed_file_is_still_caught(tmp_path, monkeypatch):
+    """`mae embed` remembers each file's hash as it writes it: opening the finished folder reads no data file
+    again, while a byte changed in place (same size) changes the file's ctime and is caught."""
+    from mae.core import files as files_module
+    from mae.runtime.embedding_runs import open_run
+
+    folder = synthetic_run(tmp_path / "emb", clustered_vectors(300, 8, seed=20), shard_size=100)
+    read = []
+    real = files_module.sha256_file
+    monkeypatch.setattr(files_module, "sha256_file", lambda path: read.append(path) or real(path))
+    assert open_run(folder, verify=True).rows == 300 and read == []
+    data = folder / "embeddings/00001.npy"
+    content = bytearray(data.read_bytes())
+    content[-1] ^= 0xFF
+    data.write_bytes(bytes(content))
+    with pytest.raises(MAEError, match="1 of 3 output files have no valid done marker"):
+        open_run(folder, verify=True)
+    assert read == [data]
