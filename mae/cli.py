@@ -401,7 +401,11 @@ def index(
         int, typer.Option(min=0, help="Seed of the training sample and k-means (same seed, same index).")
     ] = 0,
     verify: Annotated[
-        bool, typer.Option("--verify/--no-verify", help="Check every embedding file's sha256 against its marker.")
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Check every embedding file's sha256 against its marker (unchanged files: from the hash cache).",
+        ),
     ] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print index.json instead of the table.")] = False,
     rerank: Annotated[

@@ -296,7 +296,8 @@ def pretrain(
     if result.stopped == "interrupted":  # the trainer saved a checkpoint: the next run continues from it
         console.print(
             f"[yellow]Pretraining stopped at step {result.global_step} of {planned}; its checkpoint is saved.[/] "
-            f"Run mae demo --out {out} again to continue (the later steps need the finished model)."
+            f"Run mae demo --out {out} --steps {steps} --seed {seed} again to continue (the later steps need the "
+            "finished model)."
         )
         raise KeyboardInterrupt
     figures = {

@@ -64,7 +64,7 @@ PQ_CENTROIDS = 256  # 8-bit codes
 PQ_MAX_M = 96  # bytes per vector of an ivf-pq index: 768-d vectors as 96 codes of 8 dimensions
 ID_BYTES = 8  # an inverted list stores a 64-bit id beside each vector or code
 RERANK_FACTOR = 10  # ivf-pq: candidates per neighbour wanted, ordered by their exact scores
-RERANK_BYTES = 64 << 20  # working memory of re-ranking: exact vectors gathered, candidate scores sorted
+RERANK_BYTES = 64 << 20  # per gather of exact vectors or block of candidate scores (peak about 3-4x this)
 
 
 class IndexProgress(Protocol):
@@ -497,7 +497,8 @@ def build_index(
     """Index every vector of the finished embedding folders `embeddings` into `out`; returns index.json's content
     (with "up_to_date": True when an identical index was there already and nothing was built).
 
-    verify: check every embedding file against its done marker's sha256 first (reads them in full).
+    verify: check every embedding file against its done marker's sha256 first (through the hash cache: a file
+    unchanged since it was hashed, by inode, size, mtime and ctime, is not read again).
     rerank: for ivf-pq, candidates per neighbour ordered by exact scores at search time (None: RERANK_FACTOR;
     0: the codes' order).
     """

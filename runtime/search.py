@@ -418,6 +418,12 @@ def duplicate_pairs(loaded: LoadedIndex, threshold: float, progress: Any = None)
     first = np.ones(len(pairs), dtype=bool)
     first[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)
     pairs, scores = pairs[first], scores[first]
+    if len(pairs) > MAX_DUPLICATE_PAIRS:
+        raise MAEError(
+            f"More than {MAX_DUPLICATE_PAIRS:,} pairs score above {threshold}: that is most of the index, not its "
+            "duplicates.",
+            hint="raise --threshold (cosine 0.95 or more finds near-copies)",
+        )
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -scores))
     return pairs[order], scores[order]
 

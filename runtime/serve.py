@@ -739,8 +739,6 @@ class Service:
             future = self.batcher.call(run, asyncio.get_running_loop())
             try:
                 result = await _unless_gone(future, gone)
-            except MAEError as exc:  # what reconstruct refuses is the request's fault, not the server's
-                raise HTTPProblem(400, "bad_request", exc.message) from exc
             finally:
                 future.cancel()  # a no-op once done; else the engine thread skips it
             reply = await self.in_pool(reconstruction_reply, result, upload.name, npz)

@@ -179,7 +179,10 @@ class OutputFolder:
         cached: checksums through the hash cache (`cached_sha256`: a file not changed since it was hashed, by its
         inode, size, mtime and ctime, is not read again), as readers of finished runs do; resuming reads in full.
         """
-        digest = cached_sha256 if cached else sha256_file
+
+        def digest(path: Path) -> str:  # only the embeddings are large enough to be worth a cache entry
+            return cached_sha256(path) if cached and path.suffix == ".npy" else sha256_file(path)
+
         marker_path = self.path("done", number)
         try:
             marker = json.loads(marker_path.read_text())
@@ -244,7 +247,8 @@ class OutputFolder:
                 files[folder] = {
                     "file": f"{folder}/{path.name}",
                     "bytes": path.stat().st_size,
-                    "sha256": cached_sha256(path, fresh=True),  # hashed now, remembered for readers
+                    # hashed now; the embeddings' hash remembered for readers (is_done with cached=True)
+                    "sha256": cached_sha256(path, fresh=True) if folder == "embeddings" else sha256_file(path),
                 }
         marker = {
             "format": DONE_FORMAT,

@@ -208,10 +208,11 @@ def test_an_interrupted_pretraining_ends_the_demo_and_other_settings_name_out_no
     monkeypatch.setattr(demo, "seconds_per_step", lambda preset: 0.01)
     stopped = types.SimpleNamespace(stopped="interrupted", global_step=7)
     monkeypatch.setattr(demo, "run_training", lambda options, reporter: stopped)
-    console = Console(file=io.StringIO(), width=200)
+    console = Console(file=io.StringIO(), width=2000)
     with pytest.raises(KeyboardInterrupt):
         demo.pretrain(tmp_path, digits, 20, 0, False, console)
-    assert "stopped at step 7" in console.file.getvalue() and f"--out {tmp_path}" in console.file.getvalue()
+    said = console.file.getvalue()
+    assert "stopped at step 7" in said and f"--out {tmp_path} --steps 20 --seed 0" in said, said
 
     def refuse(options, reporter):
         raise MAEError(

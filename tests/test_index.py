@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,20 +367,32 @@ def test_an_index_from_before_reranking_is_still_up_to_date(tmp_path):
 
 
 def test_finished_folders_are_verified_through_the_hash_cache_and_a_changed_file_is_still_caught(tmp_path, monkeypatch):
-    """`mae embed` remembers each file's hash as it writes it: opening the finished folder reads no data file
-    again, while a byte changed in place (same size) changes the file's ctime and is caught."""
+    """`mae embed` remembers each embeddings file's hash as it writes it: opening the finished folder reads none of
+    them again, while a byte changed in place (same size, the old mtime put back) changes the ctime and is caught."""
+    import os
+
     from mae.core import files as files_module
+    from mae.runtime import shards as shards_module
     from mae.runtime.embedding_runs import open_run
 
     folder = synthetic_run(tmp_path / "emb", clustered_vectors(300, 8, seed=20), shard_size=100)
     read = []
     real = files_module.sha256_file
-    monkeypatch.setattr(files_module, "sha256_file", lambda path: read.append(path) or real(path))
+
+    def counting(path):
+        if Path(path).suffix == ".npy":
+            read.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(files_module, "sha256_file", counting)
+    monkeypatch.setattr(shards_module, "sha256_file", counting)
     assert open_run(folder, verify=True).rows == 300 and read == []
     data = folder / "embeddings/00001.npy"
+    before = data.stat()
     content = bytearray(data.read_bytes())
     content[-1] ^= 0xFF
     data.write_bytes(bytes(content))
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(MAEError, match="1 of 3 output files have no valid done marker"):
         open_run(folder, verify=True)
     assert read == [data]

@@ -220,12 +220,13 @@ def test_pairs_found_from_either_side_count_once_and_a_low_threshold_is_refused_
         def range_search(self, block, radius):
             self.sizes.append(len(block))
             limits, scores, found = real.range_search(block, radius)
-            owners = np.repeat(np.arange(self.next_id, self.next_id + len(block)), np.diff(limits.astype(np.int64)))
+            first = self.next_id
+            owners = np.repeat(np.arange(first, first + len(block)), np.diff(limits.astype(np.int64)))
             self.next_id += len(block)
             if not self.one_sided:
                 return limits, scores, found
             keep = found < owners  # only partners with a smaller id, as an inverted file probing other lists may
-            counts = np.bincount(owners[keep] - owners.min(initial=0), minlength=len(block))[: len(block)]
+            counts = np.bincount(owners[keep] - first, minlength=len(block))
             return np.concatenate([[0], np.cumsum(counts)]), scores[keep], found[keep]
 
     loaded.index = Wrapped(one_sided=True)
