@@ -61,7 +61,7 @@ from .reports.export import ExportSpinner
 from .reports.reconstruct import BatchBar
 from .reports.search import StageBar
 from .reports.train import RichTrainReporter
-from .train import TrainOptions, TrainResult, run_training
+from .train import OtherSettings, TrainOptions, TrainResult, run_training
 
 PRESET = "mae_vit_digits_patch4"  # 32 px digits, 4 px patches (64), see mae.core.config
 DIGIT_SIDE = 32  # the 8 x 8 digits enlarged (bicubic): one 4 px patch per original pixel
@@ -285,12 +285,9 @@ def pretrain(
     )  # fmt: skip
     try:
         result = run_training(options, RichTrainReporter())
-    except MAEError as exc:  # the trainer's hint names --resume, which the demo has no option for
-        differences = exc.message.partition("was written by a run with other settings: ")[2]
-        if not differences:
-            raise
+    except OtherSettings as exc:  # the trainer's hint names --resume, which the demo has no option for
         raise MAEError(
-            f"{out} holds a demo trained with other settings ({differences}).",
+            f"{out} holds a demo trained with other settings ({'; '.join(exc.differences)}).",
             hint=f"rerun with that run's --steps and --seed, choose another --out, or delete {run_dir}",
         ) from exc
     if result.stopped == "interrupted":  # the trainer saved a checkpoint: the next run continues from it

@@ -111,6 +111,14 @@ _RUN_TEMPORARY = re.compile(r"^\.(checkpoint(?:-\d+)?\.pt|log\.jsonl|run\.json|l
 _PREVIEW_TEMPORARY = re.compile(r"^\.(epoch_\d+\.png)\.")
 
 
+class OtherSettings(MAEError):
+    """--resume of a run folder written with other settings; `differences` names each ("name: the run has A, now B")."""
+
+    def __init__(self, message: str, hint: str, differences: list[str]) -> None:
+        super().__init__(message, hint=hint)
+        self.differences = differences
+
+
 @dataclass
 class TrainResult:
     final_loss: float | None  # mean loss of the last (possibly partial) epoch trained
@@ -649,9 +657,10 @@ class _Trainer:
             if not same:
                 differences.append(f"{name}: the run has {before!r}, now {after!r}")
         if differences:
-            raise MAEError(
+            raise OtherSettings(
                 f"--resume: {self.checkpoint_path} was written by a run with other settings: " + "; ".join(differences),
                 hint=f"resume with the run's options (see {self.out / RUN_FILE}), or start a new run in another --out",
+                differences=differences,
             )
 
     def _load_initial_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -67,8 +67,8 @@ class EmbeddingRun:
     def settings(self) -> dict[str, Any]:
         return comparable_settings(self.params)
 
-    def vectors(self, number: int, mmap: bool = True) -> np.ndarray:
-        """float32 [n, D] of output file `number` (float16 files are widened; a memory map when already float32)."""
+    def _embeddings(self, number: int, mmap: bool = True) -> np.ndarray:
+        """Output file `number`'s embeddings as stored ([n, D], float32 or float16), or an error saying why not."""
         path = OutputFolder(self.root).path("embeddings", number)
         try:
             array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -80,16 +80,21 @@ class EmbeddingRun:
                 "needed here.",
                 hint="embed with --pool cls, mean or cls+mean",
             )
+        return array
+
+    def vectors(self, number: int, mmap: bool = True) -> np.ndarray:
+        """float32 [n, D] of output file `number` (float16 files are widened; a memory map when already float32)."""
+        array = self._embeddings(number, mmap)
         return array if array.dtype == np.float32 else array.astype(np.float32)
 
     def take(self, number: int, offsets: np.ndarray) -> np.ndarray:
         """float32 [len(offsets), D]: rows `offsets` (any order) of output file `number`, read through a memory map
         (only those rows are read and widened, whatever the file's dtype)."""
-        path = OutputFolder(self.root).path("embeddings", number)
+        array = self._embeddings(number)
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-            return np.asarray(array[np.asarray(offsets, dtype=np.int64)], dtype=np.float32).reshape(len(offsets), -1)
-        except (OSError, ValueError, IndexError) as exc:
+            return np.asarray(array[np.asarray(offsets, dtype=np.int64)], dtype=np.float32)
+        except IndexError as exc:
+            path = OutputFolder(self.root).path("embeddings", number)
             raise MAEError(f"Cannot read {path}: {exc}", hint=f"run mae embed into {self.root} again") from exc
 
     def metadata(self, number: int, columns: tuple[str, ...] = ("path", "key")) -> dict[str, list[Any]]:

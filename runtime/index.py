@@ -294,18 +294,27 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.nda
     return ids
 
 
+def pair_scores(
+    queries: np.ndarray, owners: np.ndarray, ids: np.ndarray, exact: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """float32 [P]: the inner product of queries[owners[i]] with the exact vector of id ids[i] (`exact(ids)` ->
+    float32 [len(ids), D], as the index compares them). Vectors are gathered RERANK_BYTES at a time, so memory stays
+    bounded whatever P and D are."""
+    scores = np.empty(len(ids), dtype=np.float32)
+    step = max(1, RERANK_BYTES // (4 * queries.shape[1]))
+    for start in range(0, len(ids), step):
+        part = slice(start, start + step)
+        scores[part] = np.einsum("nd,nd->n", queries[owners[part]], exact(ids[part]))
+    return scores
+
+
 def candidate_scores(
     queries: np.ndarray, candidates: np.ndarray, exact: Callable[[np.ndarray], np.ndarray]
 ) -> np.ndarray:
-    """float32 [Q, C]: the inner product of each query with its candidates' exact vectors (`exact(ids)` -> float32
-    [len(ids), D], as the index compares them); -inf where a candidate is -1. Vectors are gathered RERANK_BYTES at
-    a time, so memory stays bounded whatever C and D are (one [Q, C, D] block would not)."""
+    """float32 [Q, C]: `pair_scores` of each query with its candidates ([Q, C] ids); -inf where a candidate is -1."""
     scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
     owners, columns = np.nonzero(candidates >= 0)
-    step = max(1, RERANK_BYTES // (4 * queries.shape[1]))
-    for start in range(0, len(owners), step):
-        rows, cols = owners[start : start + step], columns[start : start + step]
-        scores[rows, cols] = np.einsum("nd,nd->n", queries[rows], exact(candidates[rows, cols]))
+    scores[owners, columns] = pair_scores(queries, owners, candidates[owners, columns], exact)
     return scores
 
 

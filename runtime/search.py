@@ -37,6 +37,7 @@ from .index import (
     faiss_module,
     normalize_rows,
     on_gpus,
+    pair_scores,
     rerank,
 )
 from .sheets import duplicates_sheet
@@ -44,7 +45,6 @@ from .sheets import duplicates_sheet
 MAX_DUPLICATE_PAIRS = 10_000_000  # pairs held in memory by a duplicate search; a lower threshold is refused
 DUPLICATE_CHUNK = 4096  # query vectors per range search (fewer for large indexes: see duplicate_pairs)
 GPU_MAX_K = 2048  # the most neighbours faiss's GPU indexes select; more are searched on the CPU copy
-RESCORE_CHUNK = 16384  # candidate pairs scored exactly at a time (16k x 768 floats: 50 MB)
 
 
 @dataclass
@@ -395,7 +395,7 @@ def duplicate_pairs(loaded: LoadedIndex, threshold: float, progress: Any = None)
             keep = found != owners  # never an image with itself
             owners, found, scores = owners[keep], found[keep], scores[keep]
             if exact and len(found):
-                scores = _exact_pair_scores(loaded, block, owners - rows.start, found)
+                scores = pair_scores(block, owners - rows.start, found, loaded.exact)
                 keep = scores > threshold
                 owners, found, scores = owners[keep], found[keep], scores[keep]
             firsts.append(np.minimum(owners, found))
@@ -403,11 +403,7 @@ def duplicate_pairs(loaded: LoadedIndex, threshold: float, progress: Any = None)
             values.append(scores)
             total += len(found)
             if total > 2 * MAX_DUPLICATE_PAIRS:  # each pair may be counted from both sides until the end
-                raise MAEError(
-                    f"More than {MAX_DUPLICATE_PAIRS:,} pairs score above {threshold}: that is most of the index, "
-                    "not its duplicates.",
-                    hint="raise --threshold (cosine 0.95 or more finds near-copies)",
-                )
+                raise _too_many_pairs(threshold)
             report.advance(len(rows))
     finally:
         report.close()
@@ -419,23 +415,16 @@ def duplicate_pairs(loaded: LoadedIndex, threshold: float, progress: Any = None)
     first[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)
     pairs, scores = pairs[first], scores[first]
     if len(pairs) > MAX_DUPLICATE_PAIRS:
-        raise MAEError(
-            f"More than {MAX_DUPLICATE_PAIRS:,} pairs score above {threshold}: that is most of the index, not its "
-            "duplicates.",
-            hint="raise --threshold (cosine 0.95 or more finds near-copies)",
-        )
+        raise _too_many_pairs(threshold)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -scores))
     return pairs[order], scores[order]
 
 
-def _exact_pair_scores(loaded: LoadedIndex, block: np.ndarray, rows: np.ndarray, found: np.ndarray) -> np.ndarray:
-    """float32 [P]: the inner product of block[rows[i]] with the exact vector of id found[i], RESCORE_CHUNK at a
-    time."""
-    return np.concatenate(
-        [
-            np.einsum("pd,pd->p", block[rows[i : i + RESCORE_CHUNK]], loaded.exact(found[i : i + RESCORE_CHUNK]))
-            for i in range(0, len(found), RESCORE_CHUNK)
-        ]
+def _too_many_pairs(threshold: float) -> MAEError:
+    return MAEError(
+        f"More than {MAX_DUPLICATE_PAIRS:,} pairs score above {threshold}: that is most of the index, not its "
+        "duplicates.",
+        hint="raise --threshold (cosine 0.95 or more finds near-copies)",
     )
 
 

@@ -51,6 +51,7 @@ from mae.core.files import (
 RUN_FILE = "run.json"
 RUN_FORMAT = "mae-embeddings"
 DONE_FORMAT = "mae-embeddings-shard"  # the "format" of a done marker (one per output file)
+CACHED_HASHES = ("embeddings",)  # files whose sha256 the hash cache keeps (the only large ones)
 FORMAT_VERSION = 1
 # What link() says on file systems without hard links (FAT, some network mounts, some FUSE).
 NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
@@ -180,9 +181,6 @@ class OutputFolder:
         inode, size, mtime and ctime, is not read again), as readers of finished runs do; resuming reads in full.
         """
 
-        def digest(path: Path) -> str:  # only the embeddings are large enough to be worth a cache entry
-            return cached_sha256(path) if cached and path.suffix == ".npy" else sha256_file(path)
-
         marker_path = self.path("done", number)
         try:
             marker = json.loads(marker_path.read_text())
@@ -201,6 +199,7 @@ class OutputFolder:
         for folder, record in marker["files"].items():
             path = self.path(folder, number)
             try:
+                digest = cached_sha256 if cached and folder in CACHED_HASHES else sha256_file
                 if path.stat().st_size != record["bytes"] or digest(path) != record["sha256"]:
                     return None
             except (OSError, KeyError, TypeError, MAEError):
@@ -248,7 +247,7 @@ class OutputFolder:
                     "file": f"{folder}/{path.name}",
                     "bytes": path.stat().st_size,
                     # hashed now; the embeddings' hash remembered for readers (is_done with cached=True)
-                    "sha256": cached_sha256(path, fresh=True) if folder == "embeddings" else sha256_file(path),
+                    "sha256": cached_sha256(path, fresh=True) if folder in CACHED_HASHES else sha256_file(path),
                 }
         marker = {
             "format": DONE_FORMAT,

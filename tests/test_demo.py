@@ -215,9 +215,10 @@ def test_an_interrupted_pretraining_ends_the_demo_and_other_settings_name_out_no
     assert "stopped at step 7" in said and f"--out {tmp_path} --steps 20 --seed 0" in said, said
 
     def refuse(options, reporter):
-        raise MAEError(
+        raise demo.OtherSettings(
             "--resume: run/checkpoint.pt was written by a run with other settings: epochs: the run has 2, now 9",
             hint="resume with the run's options",
+            differences=["epochs: the run has 2, now 9"],
         )
 
     monkeypatch.setattr(demo, "run_training", refuse)
